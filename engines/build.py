@@ -1,0 +1,194 @@
+"""Build an artifact folder from an export folder (or a MODEL, exporting first), atomically and
+only when the inputs changed: a content hash of the inputs, not file existence, decides."""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from engines import ort_backend
+from runtime.errors import ArtifactError, BuildError, ToleranceError, format_table
+from runtime.files import atomic_folder, file_sha256
+from runtime.manifest import FORMAT_VERSION, MANIFEST_FILE, REPORT_FILE, file_entries, load_manifest, verify_files
+from runtime.version import __version__
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("onnxruntime",)
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    backend: str = "onnxruntime"
+    device: str = "cpu"
+    force: bool = False
+
+    def __post_init__(self):
+        if self.backend not in BACKENDS:
+            raise BuildError(f"unknown backend {self.backend!r}; available backends: {', '.join(BACKENDS)}")
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    folder: Path
+    skipped: bool
+    build_key: str
+
+
+def backend_identity(options: BuildOptions) -> dict[str, Any]:
+    return ort_backend.identity(ort_backend.OrtTarget(options.device))
+
+
+def build_key(export_key: str, backend: dict[str, Any]) -> str:
+    identity = {"export": export_key, "backend": backend, "format": FORMAT_VERSION, "kiln": __version__}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
+def up_to_date(out_dir: Path, key: str) -> bool:
+    """True when `out_dir` holds an intact artifact built from the same inputs."""
+    try:
+        manifest = load_manifest(out_dir)
+        if manifest.data.get("build_key") != key:
+            return False
+        verify_files(manifest)
+    except ArtifactError:
+        return False
+    return True
+
+
+def build_from_model(model: str, out_dir: Path, options: BuildOptions = BuildOptions(),
+                     profile_path: str | Path | None = None, export_options=None) -> BuildResult:
+    """MODEL → export into a temporary folder → artifact. Skipped when weights, profile, tool
+    versions and backend are unchanged."""
+    from exporters.export import ExportOptions, export_key, export_model
+    from exporters.source import resolve_model
+
+    export_options = export_options or ExportOptions()
+    out_dir = Path(out_dir)
+    source, profile = resolve_model(model, profile_path)
+    ekey = export_key(source, profile, export_options)
+    key = build_key(ekey, backend_identity(options))
+    if not options.force and up_to_date(out_dir, key):
+        log.info("%s is up to date (build key %s); nothing to do. Use --force to rebuild", out_dir, key[:12])
+        return BuildResult(out_dir, True, key)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.export-", dir=out_dir.parent) as tmp:
+        export_dir = export_model(source, profile, Path(tmp) / "export", export_options, key=ekey)
+        return build_from_export(export_dir, out_dir, options)
+
+
+def build_from_export(export_dir: Path, out_dir: Path, options: BuildOptions = BuildOptions()) -> BuildResult:
+    """A `kiln export` folder → artifact folder, written atomically."""
+    from exporters.export import read_export
+
+    export_dir, out_dir = Path(export_dir), Path(out_dir)
+    export = read_export(export_dir)
+    _verify_export(export_dir, export)
+    backend = backend_identity(options)
+    key = build_key(export["export_key"], backend)
+    if not options.force and up_to_date(out_dir, key):
+        log.info("%s is up to date (build key %s); nothing to do. Use --force to rebuild", out_dir, key[:12])
+        return BuildResult(out_dir, True, key)
+    target = ort_backend.OrtTarget(options.device)
+    components, engine_parity = {}, {}
+    names = list(export["components"])
+    with atomic_folder(out_dir) as tmp:
+        for i, name in enumerate(names, 1):
+            entry = export["components"][name]
+            started = time.perf_counter()
+            log.info("[%d/%d] %s: building %s engine (%s)", i, len(names), name, options.backend, backend["execution_provider"])
+            engine_file = f"{name}.onnx"
+            files = ort_backend.engine_from_onnx(export_dir / entry["onnx"], tmp / engine_file, target, entry["precision"])
+            seconds = time.perf_counter() - started
+            components[name] = {
+                "file": engine_file,
+                "files": [p.name for p in files],
+                "precision": entry["precision"],
+                "onnx_sha256": entry["files"]["model.onnx"],
+                "inputs": entry["inputs"],
+                "outputs": entry["outputs"],
+                "config": entry["config"],
+                "build_seconds": round(seconds, 2),
+            }
+            engine_parity[name] = _engine_parity(tmp, name, components[name], export_dir / entry["reference"], entry, backend)
+            log.info("[%d/%d] %s: built in %.1f s, engine vs PyTorch max |err| %.3g", i, len(names), name, seconds,
+                     max(r["max_abs_err"] for r in engine_parity[name]))
+        for folder in ("tokenizer", "scheduler"):
+            shutil.copytree(export_dir / folder, tmp / folder)
+        report = {
+            "export_parity": {n: export["components"][n]["parity"] for n in names},
+            "engine_parity": engine_parity,
+        }
+        (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2), encoding="utf-8")
+        listed = [p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file()]
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "kiln_version": __version__,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "build_key": key,
+            "export_key": export["export_key"],
+            "model": export["model"],
+            "profile": export["profile"],
+            "dims": export["dims"],
+            "exporter": export["exporter"],
+            "backend": backend,
+            "components": components,
+            "files": file_entries(tmp, listed),
+        }
+        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+    log.info("wrote %s", out_dir)
+    return BuildResult(out_dir, False, key)
+
+
+def _engine_parity(folder: Path, name: str, component: dict, reference: Path, entry: dict, backend: dict) -> list[dict]:
+    """Run the new engine on the export's opt-shape reference inputs against PyTorch's outputs."""
+    import numpy as np
+    import torch
+
+    from runtime.manifest import ComponentInfo, TensorInfo
+    from runtime.ort_engine import OrtEngine
+
+    info = ComponentInfo(name, component["file"], component["precision"],
+                         tuple(TensorInfo.from_dict(t) for t in entry["inputs"]),
+                         tuple(TensorInfo.from_dict(t) for t in entry["outputs"]), entry["config"])
+    engine = OrtEngine(folder / component["file"], info, provider=backend["execution_provider"])
+    data = np.load(reference)
+    out = engine(**{t.name: torch.from_numpy(data[t.name]) for t in info.inputs})
+    rows = []
+    tolerance = {r["output"]: r["tolerance"] for r in entry["parity"] if r["point"] == "opt"}
+    for t in info.outputs:
+        ref = data[t.name].astype(np.float64)
+        err = float(np.max(np.abs(out[t.name].cpu().numpy().astype(np.float64) - ref)))
+        rows.append({"point": "opt", "output": t.name, "shape": list(ref.shape), "max_abs_err": err,
+                     "tolerance": tolerance[t.name], "ok": err <= tolerance[t.name]})
+    if not all(r["ok"] for r in rows):
+        raise ToleranceError(
+            f"{name}: the {backend['name']} engine disagrees with PyTorch beyond tolerance:\n"
+            + format_table(["output", "max |err|", "tolerance"], [(r["output"], r["max_abs_err"], r["tolerance"]) for r in rows])
+        )
+    return rows
+
+
+def _verify_export(export_dir: Path, export: dict) -> None:
+    problems = []
+    expected = dict(export.get("files", {}))
+    for name, entry in export["components"].items():
+        expected.update({f"{name}/{f}": sha for f, sha in entry["files"].items()})
+    for rel, sha in expected.items():
+        path = export_dir / rel
+        if not path.is_file():
+            problems.append((rel, "present", "missing"))
+        elif file_sha256(path) != sha:
+            problems.append((rel, f"sha256 {sha[:12]}…", "different content"))
+    if problems:
+        raise BuildError(
+            f"export folder {export_dir} is incomplete or altered:\n" + format_table(["file", "expected", "found"], problems)
+            + "\nRe-run `kiln export`"
+        )

@@ -1,0 +1,61 @@
+"""ONNX Runtime backend: a checked ONNX graph → an ONNX graph optimized offline for one execution provider."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from runtime.errors import BuildError
+from runtime.lazy import lazy_import
+
+ort = lazy_import("onnxruntime")
+log = logging.getLogger(__name__)
+
+NAME = "onnxruntime"
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+PRECISIONS = ("fp32",)
+_EXTERNAL_BYTES = 2**31 - 2**20
+
+
+@dataclass(frozen=True)
+class OrtTarget:
+    device: str = "cpu"
+
+    @property
+    def provider(self) -> str:
+        if self.device not in PROVIDERS:
+            raise BuildError(f"onnxruntime device must be one of {', '.join(PROVIDERS)}, got {self.device!r}")
+        return PROVIDERS[self.device]
+
+
+def identity(target: OrtTarget) -> dict:
+    """What an engine built here depends on (part of the build key and the manifest)."""
+    provider = target.provider
+    available = ort.get_available_providers()
+    if provider not in available:
+        raise BuildError(
+            f"onnxruntime {ort.__version__} here has no {provider} (available: {', '.join(available)}); "
+            + ("install onnxruntime-gpu on a CUDA machine" if target.device == "cuda" else "reinstall onnxruntime")
+        )
+    return {"name": NAME, "version": ort.__version__, "execution_provider": provider, "optimization": "extended"}
+
+
+def engine_from_onnx(onnx_path: Path, out_path: Path, target: OrtTarget, precision: str) -> list[Path]:
+    """Optimize `onnx_path` for the target's execution provider and save it as `out_path`.
+
+    Saved at ORT_ENABLE_EXTENDED (fusions, no hardware-specific layouts), the level ONNX Runtime
+    documents as safe to save; layout optimizations run at load time."""
+    if precision not in PRECISIONS:
+        raise BuildError(f"the onnxruntime backend builds {', '.join(PRECISIONS)} graphs; {onnx_path} is {precision}")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.optimized_model_filepath = str(out_path)
+    weights = sum(p.stat().st_size for p in onnx_path.parent.glob("*.data"))
+    if weights > _EXTERNAL_BYTES:
+        options.add_session_config_entry("session.optimized_model_external_initializers_file_name", f"{out_path.name}.data")
+        options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+    try:
+        ort.InferenceSession(str(onnx_path), options, providers=[target.provider])
+    except Exception as exc:  # onnxruntime's errors are untyped
+        raise BuildError(f"onnxruntime could not optimize {onnx_path} for {target.provider}: {exc}") from exc
+    return sorted(p for p in out_path.parent.glob(f"{out_path.name}*"))

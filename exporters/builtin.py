@@ -1,0 +1,173 @@
+"""Built-in tiny models: Stable Diffusion-shaped pipelines with seeded weights, made offline.
+
+`tiny` is shaped like SD 2.1 (v-prediction, linear-projection and upcast attention, GELU CLIP);
+`tiny-sd15` like SD 1.5 (epsilon prediction, conv projection, quick-GELU CLIP). Each is created
+deterministically, saved in diffusers format under the cache folder, and from then on loaded
+through the same code path as any local diffusers folder.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+# Bump when a recipe changes, so that old caches are not reused.
+RECIPE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class TinyRecipe:
+    name: str
+    prediction_type: str
+    use_linear_projection: bool
+    upcast_attention: bool
+    hidden_act: str
+    scheduler: str
+    attention_head_dim: tuple[int, ...]
+    seed: int
+
+
+RECIPES = {
+    "tiny": TinyRecipe("tiny", "v_prediction", True, True, "gelu", "DDIMScheduler", (2, 4), 0),
+    "tiny-sd15": TinyRecipe("tiny-sd15", "epsilon", False, False, "quick_gelu", "PNDMScheduler", (8, 8), 1),
+}
+
+
+def cache_dir() -> Path:
+    """Where built-in models are cached: $KILN_CACHE_DIR or ~/.cache/kiln."""
+    return Path(os.environ.get("KILN_CACHE_DIR", Path.home() / ".cache" / "kiln"))
+
+
+def builtin_names() -> list[str]:
+    return sorted(RECIPES)
+
+
+def ensure_builtin(name: str) -> Path:
+    """Return the diffusers folder of built-in model `name`, creating it on first use."""
+    recipe = RECIPES[name]
+    folder = cache_dir() / "builtin" / f"{name}-v{RECIPE_VERSION}"
+    if (folder / "model_index.json").is_file():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    log.info("creating built-in model %s in %s", name, folder)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        _build_pipeline(recipe).save_pretrained(tmp, safe_serialization=True)
+        try:
+            tmp.rename(folder)
+        except OSError:  # another process won the race; its folder is identical
+            if not (folder / "model_index.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def _build_pipeline(recipe: TinyRecipe):
+    import torch
+    import diffusers
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = _build_tokenizer()
+    torch.manual_seed(recipe.seed)
+    unet = UNet2DConditionModel(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=recipe.attention_head_dim,
+        use_linear_projection=recipe.use_linear_projection,
+        upcast_attention=recipe.upcast_attention,
+        norm_num_groups=32,
+    )
+    torch.manual_seed(recipe.seed + 1)
+    # Four blocks, as in SD, so that latents are 1/8 of the image size.
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 16, 32, 32),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=128,
+        scaling_factor=0.18215,
+    )
+    torch.manual_seed(recipe.seed + 2)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            hidden_size=32,
+            intermediate_size=37,
+            layer_norm_eps=1e-05,
+            num_attention_heads=4,
+            num_hidden_layers=3,
+            vocab_size=len(tokenizer),
+            max_position_embeddings=77,
+            hidden_act=recipe.hidden_act,
+        )
+    )
+    scheduler_cls = getattr(diffusers, recipe.scheduler)
+    scheduler_kwargs = dict(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        steps_offset=1,
+        prediction_type=recipe.prediction_type,
+    )
+    if recipe.scheduler == "DDIMScheduler":
+        scheduler_kwargs.update(clip_sample=False, set_alpha_to_one=False)
+    else:
+        scheduler_kwargs.update(skip_prk_steps=True, set_alpha_to_one=False)
+    scheduler = scheduler_cls(**scheduler_kwargs)
+    for module in (unet, vae, text_encoder):
+        module.eval()
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def _build_tokenizer():
+    """A byte-level CLIP BPE tokenizer: the 512 byte symbols, no merges, capped at 77 tokens."""
+    from transformers import CLIPTokenizer
+
+    symbols = list(_bytes_to_unicode().values())
+    vocab = {s: i for i, s in enumerate(symbols + [s + "</w>" for s in symbols])}
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77, pad_token="<|endoftext|>")
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP's reversible byte to printable-unicode table."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, (chr(c) for c in cs)))

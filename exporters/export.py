@@ -1,0 +1,213 @@
+"""MODEL → a checked ONNX folder: trace each component, run the graph passes, check against PyTorch.
+
+The export folder (`kiln export MODEL --out DIR`) is portable: engines for any backend and GPU are
+built from it without torch. Layout:
+    export.json                  what was exported, from what, and how well it matched PyTorch
+    <component>/model.onnx(.data)
+    reference/<component>.npz    opt-shape inputs and PyTorch outputs, for build-time parity
+    tokenizer/  scheduler/       as saved by diffusers
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from exporters.check import check_against_torch, parity_table
+from exporters.passes import PassContext, run_passes
+from exporters.profile import COMPONENTS, Profile
+from exporters.source import ModelSource
+from exporters.specs import ComponentSpec, component_specs, dynamic_axes, sample_inputs, tensor_ranges
+from runtime.errors import ExportError, ToleranceError
+from runtime.files import atomic_folder, folder_checksums
+from runtime.version import __version__
+
+log = logging.getLogger(__name__)
+
+EXPORT_FORMAT = 1
+EXPORT_FILE = "export.json"
+EXTERNAL_DATA_THRESHOLD = 2**31 - 2**20  # protobuf's 2 GB limit, less some room for the graph
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    exporter: str = "dynamo"  # "dynamo" (torch.onnx default) | "torchscript"
+    opset: int | None = None  # None: the exporter's default (20 for dynamo, 17 for torchscript)
+    external_data_threshold: int = EXTERNAL_DATA_THRESHOLD  # weight bytes above which .data is written
+    seed: int = 0
+    components: tuple[str, ...] = COMPONENTS
+
+    def __post_init__(self):
+        if self.exporter not in ("dynamo", "torchscript"):
+            raise ExportError(f"exporter must be 'dynamo' or 'torchscript', got {self.exporter!r}")
+        unknown = [c for c in self.components if c not in COMPONENTS]
+        if unknown:
+            raise ExportError(f"unknown components {unknown}; valid: {', '.join(COMPONENTS)}")
+
+
+def export_key(source: ModelSource, profile: Profile, options: ExportOptions) -> str:
+    """Content hash of everything an export depends on: weights, profile, options, tool versions."""
+    import onnx
+    import torch
+
+    identity = {
+        "weights": source.weights_sha256(),
+        "profile": profile.to_dict() | {"name": None},
+        "options": asdict(options),
+        "versions": {"kiln": __version__, "torch": torch.__version__, "onnx": onnx.__version__},
+        "format": EXPORT_FORMAT,
+    }
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
+def export_model(source: ModelSource, profile: Profile, out_dir: Path, options: ExportOptions = ExportOptions(),
+                 key: str | None = None) -> Path:
+    """Export every component of `source` into `out_dir`, written atomically."""
+    import onnx
+    import torch
+
+    out_dir = Path(out_dir)
+    key = key or export_key(source, profile, options)
+    log.info("loading %s (%s)", source.source, source.folder)
+    pipe = source.load_pipeline()
+    specs = component_specs(source.dims)
+    components: dict[str, Any] = {}
+    with atomic_folder(out_dir) as tmp:
+        for i, name in enumerate(options.components, 1):
+            spec = specs[name]
+            started = time.perf_counter()
+            log.info("[%d/%d] %s: exporting with torch.onnx (%s)", i, len(options.components), name, options.exporter)
+            ranges = tensor_ranges(spec, profile, source.dims)
+            module = spec.wrap(pipe)
+            onnx_path = tmp / name / "model.onnx"
+            onnx_path.parent.mkdir()
+            model = onnx_from_torch(spec, module, ranges, options)
+            model = run_passes(model, PassContext(name))
+            save_onnx(model, onnx_path, options.external_data_threshold)
+            del model
+            log.info("[%d/%d] %s: checking against PyTorch at min/opt/max", i, len(options.components), name)
+            rows, reference = check_against_torch(spec, module, onnx_path, ranges, options.seed)
+            _save_reference(tmp / "reference" / f"{name}.npz", reference)
+            seconds = time.perf_counter() - started
+            log.info("[%d/%d] %s: done in %.1f s, max |err| %.3g", i, len(options.components), name, seconds,
+                     max(r.max_abs_err for r in rows))
+            log.debug("%s parity:\n%s", name, parity_table(rows))
+            components[name] = {
+                "onnx": f"{name}/model.onnx",
+                "files": folder_checksums(tmp / name),
+                "inputs": [_tensor_entry(t, ranges) for t in spec.inputs],
+                "outputs": [_tensor_entry(t, ranges) for t in spec.outputs],
+                "config": spec.config_of(pipe),
+                "precision": profile.precision_of(name),
+                "parity": [r.to_dict() for r in rows],
+                "export_seconds": round(seconds, 2),
+                "reference": f"reference/{name}.npz",
+            }
+        pipe.tokenizer.save_pretrained(tmp / "tokenizer")
+        pipe.scheduler.save_pretrained(tmp / "scheduler")
+        manifest = {
+            "kind": "kiln-export",
+            "format_version": EXPORT_FORMAT,
+            "kiln_version": __version__,
+            "export_key": key,
+            "model": {"source": source.source, "pipeline_class": source.pipeline_class,
+                      "weights_sha256": source.weights_sha256()},
+            "profile": profile.to_dict(),
+            "dims": source.dims.to_dict(),
+            "exporter": {"name": options.exporter, "opset": options.opset, "torch": torch.__version__,
+                         "onnx": onnx.__version__},
+            "components": components,
+        }
+        manifest["files"] = {k: v for k, v in folder_checksums(tmp).items() if k.startswith(("tokenizer/", "scheduler/", "reference/"))}
+        (tmp / EXPORT_FILE).write_text(json.dumps(manifest, indent=2, default=_json_default), encoding="utf-8")
+    log.info("wrote %s", out_dir)
+    return out_dir
+
+
+def onnx_from_torch(spec: ComponentSpec, module, ranges: dict[str, dict[str, list[int]]], options: ExportOptions):
+    """Trace `module` at the opt shapes with named dynamic axes; return the onnx.ModelProto."""
+    import tempfile
+
+    import onnx
+    import torch
+
+    sample = sample_inputs(spec, {t.name: ranges[t.name]["opt"] for t in spec.inputs}, options.seed)
+    args = tuple(torch.from_numpy(sample[t.name]) for t in spec.inputs)
+    kwargs: dict[str, Any] = dict(
+        input_names=[t.name for t in spec.inputs],
+        output_names=[t.name for t in spec.outputs],
+        dynamic_axes=dynamic_axes(spec),
+    )
+    if options.exporter == "dynamo":
+        kwargs.update(dynamo=True, optimize=True, verbose=False)
+    else:
+        kwargs.update(dynamo=False, do_constant_folding=True)
+    opset = options.opset or (None if options.exporter == "dynamo" else 17)
+    if opset is not None:
+        kwargs["opset_version"] = opset
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        path = Path(tmp) / "model.onnx"
+        try:
+            with torch.no_grad():
+                torch.onnx.export(module.eval(), args, str(path), **kwargs)
+        except Exception as exc:  # torch.onnx raises many types; report them as one
+            raise ExportError(
+                f"{spec.name}: torch.onnx.export ({options.exporter}) failed: {type(exc).__name__}: {exc}. "
+                f"Try --exporter {'torchscript' if options.exporter == 'dynamo' else 'dynamo'}"
+            ) from exc
+        return onnx.load(str(path))
+
+
+def save_onnx(model, path: Path, external_data_threshold: int) -> None:
+    """Save `model`; weights go to `<name>.data` beside it when they exceed the threshold."""
+    import onnx
+
+    weight_bytes = sum(len(t.raw_data) for t in model.graph.initializer)
+    if weight_bytes > external_data_threshold:
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=f"{path.name}.data", size_threshold=1024)
+    else:
+        onnx.save_model(model, str(path))
+
+
+def read_export(folder: Path) -> dict[str, Any]:
+    """Read and minimally validate an export folder's export.json."""
+    path = Path(folder) / EXPORT_FILE
+    if not path.is_file():
+        raise ExportError(f"{folder} is not an export folder: it has no {EXPORT_FILE}. Create one with `kiln export`")
+    data = json.loads(path.read_text(encoding="utf-8"))
+    if data.get("kind") != "kiln-export" or data.get("format_version", 0) > EXPORT_FORMAT:
+        raise ExportError(
+            f"{path} has kind {data.get('kind')!r} format {data.get('format_version')!r}; this kiln reads "
+            f"kiln-export format <= {EXPORT_FORMAT}. Re-export with this version or upgrade kiln"
+        )
+    return data
+
+
+def _save_reference(path: Path, arrays: dict[str, Any]) -> None:
+    import numpy as np
+
+    path.parent.mkdir(exist_ok=True)
+    np.savez(path, **arrays)
+
+
+def _tensor_entry(t, ranges) -> dict[str, Any]:
+    return {"name": t.name, "dtype": t.dtype, "dims": list(t.dims), **ranges[t.name]}
+
+
+def _json_default(value):
+    if isinstance(value, (set, tuple)):
+        return list(value)
+    if isinstance(value, Path):
+        return str(value)
+    return str(value)
+
+
+__all__ = ["ExportOptions", "export_key", "export_model", "onnx_from_torch", "read_export", "save_onnx",
+           "ToleranceError"]

@@ -1,0 +1,158 @@
+"""Profiles: the model source and the shape and precision ranges an engine build depends on.
+
+A profile is profiles/NAME.toml, a TOML file given with --profile, or defaults derived from a
+model's own config (opt = native size, min = half, max = double, batch 1-4).
+"""
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Mapping
+
+from runtime.errors import ProfileError, format_table
+
+COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
+PRECISIONS = ("fp32",)  # fp16 and int8 arrive with the precision passes
+_SECTIONS = {"model": {"source"}, "shapes": {"batch", "height", "width"}, "precision": set(COMPONENTS)}
+
+
+@dataclass(frozen=True)
+class Range:
+    min: int
+    opt: int
+    max: int
+
+    def as_list(self) -> list[int]:
+        return [self.min, self.opt, self.max]
+
+    def __contains__(self, value: int) -> bool:
+        return self.min <= value <= self.max
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    source: str
+    batch: Range
+    height: Range
+    width: Range
+    precision: tuple[tuple[str, str], ...] = field(default=tuple((c, "fp32") for c in COMPONENTS))
+
+    def precision_of(self, component: str) -> str:
+        return dict(self.precision)[component]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "model": {"source": self.source},
+            "shapes": {"batch": self.batch.as_list(), "height": self.height.as_list(), "width": self.width.as_list()},
+            "precision": dict(self.precision),
+        }
+
+
+def profiles_dir() -> Path:
+    return Path(str(resources.files("profiles")))
+
+
+def profile_names() -> list[str]:
+    return sorted(p.stem for p in profiles_dir().glob("*.toml"))
+
+
+def load_profile(name_or_path: str | Path) -> Profile:
+    """Read a profile by name (profiles/NAME.toml) or by path to a TOML file."""
+    path = Path(name_or_path)
+    if path.suffix != ".toml":
+        if str(name_or_path) not in profile_names():
+            raise ProfileError(
+                f"unknown profile '{name_or_path}'. Valid profiles: {', '.join(profile_names())}; "
+                "or pass a path to a .toml file"
+            )
+        path = profiles_dir() / f"{name_or_path}.toml"
+    if not path.is_file():
+        raise ProfileError(f"profile file {path} does not exist; pass a path to an existing .toml file")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ProfileError(f"profile {path} is not valid TOML: {exc}") from exc
+    return profile_from_dict(path.stem, data, origin=str(path))
+
+
+def profile_from_dict(name: str, data: Mapping[str, Any], origin: str = "profile", source: str | None = None) -> Profile:
+    """Validate a profile mapping, collecting every problem before raising once."""
+    problems: list[tuple[str, str, str]] = []
+    for section, value in data.items():
+        if section not in _SECTIONS:
+            problems.append((section, f"one of {sorted(_SECTIONS)}", "unknown section"))
+        elif not isinstance(value, Mapping):
+            problems.append((section, "a table", repr(value)))
+        else:
+            for key in value:
+                if key not in _SECTIONS[section]:
+                    problems.append((f"{section}.{key}", f"one of {sorted(_SECTIONS[section])}", "unknown key"))
+    model = data.get("model", {}) if isinstance(data.get("model", {}), Mapping) else {}
+    shapes = data.get("shapes", {}) if isinstance(data.get("shapes", {}), Mapping) else {}
+    precision = data.get("precision", {}) if isinstance(data.get("precision", {}), Mapping) else {}
+    resolved_source = source or model.get("source")
+    if not isinstance(resolved_source, str) or not resolved_source:
+        problems.append(("model.source", "a hub id, a local folder or builtin:NAME", repr(resolved_source)))
+    ranges = {}
+    for key in ("batch", "height", "width"):
+        value = shapes.get(key)
+        if not _is_range(value):
+            problems.append((f"shapes.{key}", "[min, opt, max] positive integers, min <= opt <= max", repr(value)))
+        else:
+            ranges[key] = Range(*value)
+    for key, value in precision.items():
+        if key in COMPONENTS and value not in PRECISIONS:
+            problems.append((f"precision.{key}", f"one of {list(PRECISIONS)} (fp16/int8 are not implemented yet)", repr(value)))
+    if problems:
+        raise ProfileError(f"{origin} is invalid:\n" + format_table(["field", "expected", "found"], problems))
+    merged = {c: "fp32" for c in COMPONENTS} | {k: v for k, v in precision.items() if k in COMPONENTS}
+    return Profile(
+        name=name,
+        source=resolved_source,
+        batch=ranges["batch"],
+        height=ranges["height"],
+        width=ranges["width"],
+        precision=tuple(merged.items()),
+    )
+
+
+def default_profile(name: str, source: str, native_height: int, native_width: int, size_multiple: int) -> Profile:
+    """Shape ranges from the model's own config: opt native, min half, max double, batch 1-4."""
+
+    def around(native: int) -> list[int]:
+        low = max(size_multiple, _round_to(native // 2, size_multiple))
+        return [low, native, _round_to(native * 2, size_multiple)]
+
+    data = {"shapes": {"batch": [1, 1, 4], "height": around(native_height), "width": around(native_width)}}
+    return profile_from_dict(name, data, origin=f"default profile of {source}", source=source)
+
+
+def check_size_multiple(profile: Profile, size_multiple: int) -> None:
+    """Every height/width bound must be a multiple of the model's size multiple."""
+    problems = [
+        (f"shapes.{key}", f"multiples of {size_multiple}", getattr(profile, key).as_list())
+        for key in ("height", "width")
+        if any(v % size_multiple for v in getattr(profile, key).as_list())
+    ]
+    if problems:
+        raise ProfileError(
+            f"profile '{profile.name}' does not fit model {profile.source}: image sizes must be multiples of "
+            f"{size_multiple} (VAE factor x UNet upsampling)\n" + format_table(["field", "expected", "found"], problems)
+        )
+
+
+def _round_to(value: int, multiple: int) -> int:
+    return max(multiple, int(round(value / multiple)) * multiple)
+
+
+def _is_range(value: object) -> bool:
+    return (
+        isinstance(value, list)
+        and len(value) == 3
+        and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
+        and value[0] <= value[1] <= value[2]
+    )

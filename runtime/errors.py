@@ -1,0 +1,59 @@
+"""One error hierarchy for kiln: every failure a user can cause is a KilnError subclass.
+
+Messages say what was expected, what was found and what to do. Validators collect every
+failure first and raise once with a table (see `format_table`).
+"""
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+
+class KilnError(Exception):
+    """Base class of every error kiln raises on purpose."""
+
+
+class MissingDependencyError(KilnError, ImportError):
+    """An optional package is needed for this operation but is not installed."""
+
+
+class ModelSourceError(KilnError):
+    """MODEL is not a profile, a usable diffusers folder or a reachable hub id."""
+
+
+class ProfileError(KilnError):
+    """A profile file or a resolved shape range is invalid."""
+
+
+class ExportError(KilnError):
+    """Tracing a component to ONNX or processing its graph failed."""
+
+
+class ToleranceError(ExportError):
+    """An engine or ONNX graph disagrees with PyTorch beyond the tolerance."""
+
+
+class BuildError(KilnError):
+    """Building an engine or an artifact folder failed."""
+
+
+class ArtifactError(KilnError):
+    """An artifact folder is missing, altered, truncated or of an unknown format."""
+
+
+class ShapeError(KilnError):
+    """A request does not fit the shape ranges the engines were built for."""
+
+
+def format_table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
+    """Render rows as a plain left-aligned text table (used by errors and the CLI)."""
+    cells = [[str(h) for h in headers]] + [[_cell(v) for v in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _cell(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    return str(value)

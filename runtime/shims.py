@@ -1,0 +1,102 @@
+"""torch.nn.Module shims that put engines where diffusers expects its models.
+
+Each carries the original component's `.config` and reports `.device`/`.dtype`, so
+`StableDiffusionPipeline` code (encode_prompt, prepare_latents, the denoising loop) runs as is.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import torch
+from diffusers.configuration_utils import FrozenDict
+
+from runtime.errors import ArtifactError, KilnError
+
+Engine = Callable[..., Mapping[str, torch.Tensor]]
+
+
+class EngineModule(torch.nn.Module):
+    def __init__(self, config: Mapping[str, Any], device: torch.device):
+        super().__init__()
+        self.config = FrozenDict(config)
+        self._device = torch.device(device)
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.float32
+
+
+def _refuse(component: str, **kwargs) -> None:
+    used = [k for k, v in kwargs.items() if v not in (None, {}, False)]
+    if used:
+        raise KilnError(
+            f"{component} engine does not support {', '.join(used)}; these need the PyTorch model "
+            "(or a rebuild that bakes them in)"
+        )
+
+
+class TextEncoderShim(EngineModule):
+    def __init__(self, engine: Engine, config, device):
+        super().__init__(config, device)
+        self.engine = engine
+
+    def forward(self, input_ids, attention_mask=None, output_hidden_states=None, **kwargs):
+        _refuse("text_encoder", output_hidden_states=output_hidden_states)
+        embeddings = self.engine(input_ids=input_ids.to(torch.int32))["text_embeddings"].clone()
+        return (embeddings,)
+
+
+class UNetShim(EngineModule):
+    def __init__(self, engine: Engine, config, device):
+        super().__init__(config, device)
+        self.engine = engine
+
+    def forward(self, sample, timestep, encoder_hidden_states, timestep_cond=None, cross_attention_kwargs=None,
+                added_cond_kwargs=None, return_dict=True, **kwargs):
+        _refuse("unet", timestep_cond=timestep_cond, cross_attention_kwargs=cross_attention_kwargs,
+                added_cond_kwargs=added_cond_kwargs, **kwargs)
+        # The scheduler loop passes a 0-d timestep: the engine takes one per batch row, as float32.
+        t = torch.as_tensor(timestep, dtype=torch.float32, device=sample.device).reshape(-1)
+        t = t.expand(sample.shape[0]) if t.numel() == 1 else t
+        out = self.engine(sample=sample, timestep=t, encoder_hidden_states=encoder_hidden_states)["model_output"]
+        out = out.clone()  # schedulers keep past model outputs; the engine reuses its buffer
+        if not return_dict:
+            return (out,)
+        from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+
+        return UNet2DConditionOutput(sample=out)
+
+
+class VaeShim(EngineModule):
+    """decode() runs the decoder engine on latents already divided by scaling_factor; encode()
+    returns the latent distribution built from the encoder engine's mean and log-variance."""
+
+    def __init__(self, decoder: Engine, encoder: Engine | None, config, device):
+        super().__init__(config, device)
+        self.decoder = decoder
+        self.encoder = encoder
+
+    def decode(self, z, return_dict=True, generator=None):
+        images = self.decoder(latent=z)["images"].clone()
+        if not return_dict:
+            return (images,)
+        from diffusers.models.autoencoders.vae import DecoderOutput
+
+        return DecoderOutput(sample=images)
+
+    def encode(self, x, return_dict=True):
+        if self.encoder is None:
+            raise ArtifactError("this pipeline was loaded without the vae_encoder engine; load it with task='img2img'")
+        from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKLOutput
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+        moments = self.encoder(image=x)["latent_parameters"].clone()
+        dist = DiagonalGaussianDistribution(moments)
+        return AutoencoderKLOutput(latent_dist=dist) if return_dict else (dist,)
+
+    def forward(self, *args, **kwargs):
+        raise KilnError("call vae.decode() or vae.encode(); the engine-backed VAE has no forward()")
