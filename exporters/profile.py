@@ -60,8 +60,9 @@ def profile_names() -> list[str]:
     return sorted(p.stem for p in profiles_dir().glob("*.toml"))
 
 
-def load_profile(name_or_path: str | Path) -> Profile:
-    """Read a profile by name (profiles/NAME.toml) or by path to a TOML file."""
+def load_profile(name_or_path: str | Path, require_source: bool = True) -> Profile:
+    """Read a profile by name (profiles/NAME.toml) or by path to a TOML file. A file given with
+    --profile for a MODEL may leave [model] out (require_source=False): MODEL is the source."""
     path = Path(name_or_path)
     if path.suffix != ".toml":
         if str(name_or_path) not in profile_names():
@@ -76,7 +77,7 @@ def load_profile(name_or_path: str | Path) -> Profile:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:
         raise ProfileError(f"profile {path} is not valid TOML: {exc}") from exc
-    return profile_from_dict(path.stem, data, origin=str(path))
+    return profile_from_dict(path.stem, data, origin=str(path), source=None if require_source else "")
 
 
 def profile_from_dict(name: str, data: Mapping[str, Any], origin: str = "profile", source: str | None = None) -> Profile:
@@ -94,8 +95,8 @@ def profile_from_dict(name: str, data: Mapping[str, Any], origin: str = "profile
     model = data.get("model", {}) if isinstance(data.get("model", {}), Mapping) else {}
     shapes = data.get("shapes", {}) if isinstance(data.get("shapes", {}), Mapping) else {}
     precision = data.get("precision", {}) if isinstance(data.get("precision", {}), Mapping) else {}
-    resolved_source = source or model.get("source")
-    if not isinstance(resolved_source, str) or not resolved_source:
+    resolved_source = model.get("source", source)
+    if not isinstance(resolved_source, str) or (source is None and not resolved_source):
         problems.append(("model.source", "a hub id, a local folder or builtin:NAME", repr(resolved_source)))
     ranges = {}
     for key in ("batch", "height", "width"):

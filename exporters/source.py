@@ -81,7 +81,7 @@ class ModelSource:
 
 def resolve_model(model: str, profile_path: str | Path | None = None) -> tuple[ModelSource, Profile]:
     """MODEL → (validated source, resolved profile). `--profile FILE` overrides the shape ranges."""
-    explicit = load_profile(profile_path) if profile_path is not None else None
+    explicit = load_profile(profile_path, require_source=False) if profile_path is not None else None
     if model in profile_names():
         profile = load_profile(model)
         source = open_source(profile.source)

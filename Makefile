@@ -1,0 +1,42 @@
+# kiln: `make engines` builds the default model's engines and proves them with an image; `make test` runs the suite.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+MODEL ?= tiny
+OUT ?= artifacts/$(MODEL)
+PROMPT ?= a photograph of an astronaut riding a horse
+TORCH_VERSION ?= 2.13.0
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+STAMP := $(VENV)/.installed
+# Targets that need the environment depend on $(INSTALL); `make engines INSTALL=` uses what is on PATH as is.
+INSTALL ?= $(STAMP)
+KILN ?= $(if $(INSTALL),$(BIN)/kiln,kiln)
+HAS_NVIDIA := $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
+
+.PHONY: install engines test clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+ifeq ($(HAS_NVIDIA),yes)
+	$(BIN)/pip install --quiet "torch==$(TORCH_VERSION)"
+else
+	@echo "no NVIDIA GPU: installing the CPU build of torch $(TORCH_VERSION)"
+	$(BIN)/pip install --quiet "torch==$(TORCH_VERSION)+cpu" \
+	  || $(BIN)/pip install --quiet "torch==$(TORCH_VERSION)+cpu" --index-url $(TORCH_CPU_INDEX)
+endif
+	$(BIN)/pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+engines: $(INSTALL)
+	$(KILN) build $(MODEL) --out $(OUT)
+	$(KILN) generate $(OUT) "$(PROMPT)" --steps 20 --seed 0 -o $(OUT)/sample.png
+	$(KILN) inspect $(OUT)
+
+test: $(INSTALL)
+	$(if $(INSTALL),$(BIN)/,)pytest -q
+
+clean:
+	rm -rf artifacts exports .pytest_cache

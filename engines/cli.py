@@ -1,0 +1,198 @@
+"""The `kiln` command: export, build, inspect, generate. Commands only build option dataclasses
+and call library functions; every KilnError becomes a one-line message and a non-zero exit."""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from runtime.errors import KilnError, format_table
+
+log = logging.getLogger("kiln")
+
+
+class KilnGroup(click.Group):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except KilnError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("interrupted: nothing half-written was kept", err=True)
+            sys.exit(130)
+
+
+@click.group(cls=KilnGroup)
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging (graph passes, parity tables).")
+@click.option("-q", "--quiet", is_flag=True, help="Warnings and errors only.")
+@click.version_option(package_name="kiln")
+def cli(verbose: bool, quiet: bool):
+    """kiln: build Stable Diffusion engines ahead of time and run them as a diffusers pipeline."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # torchvision and similar notices, not ours
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr, force=True)
+    for noisy in ("onnxscript", "onnx_ir", "torch.onnx", "torch._dynamo", "torch.export"):
+        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+
+
+_model_help = "A profile name (tiny, sd15, sd21, ...), a local diffusers folder, or a hub id."
+
+
+@cli.command()
+@click.argument("model")
+@click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Export folder to write.")
+@click.option("--profile", "profile", type=click.Path(exists=True, dir_okay=False), help="Profile TOML with the shape ranges.")
+@click.option("--exporter", type=click.Choice(["dynamo", "torchscript"]), default="dynamo", show_default=True)
+def export(model: str, out: Path, profile: str | None, exporter: str):
+    """Export MODEL's components to checked ONNX graphs in OUT (portable: build engines anywhere from it)."""
+    from exporters.export import ExportOptions, export_model
+    from exporters.source import resolve_model
+
+    source, resolved = resolve_model(model, profile)
+    export_model(source, resolved, out, ExportOptions(exporter=exporter))
+    click.echo(f"exported {model} to {out}")
+
+
+@cli.command()
+@click.argument("model")
+@click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Artifact folder to write.")
+@click.option("--backend", type=click.Choice(["onnxruntime"]), default="onnxruntime", show_default=True)
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="Execution provider for onnxruntime (cuda needs onnxruntime-gpu).")
+@click.option("--profile", "profile", type=click.Path(exists=True, dir_okay=False), help="Profile TOML with the shape ranges.")
+@click.option("--exporter", type=click.Choice(["dynamo", "torchscript"]), default="dynamo", show_default=True)
+@click.option("--force", is_flag=True, help="Rebuild even when the inputs are unchanged.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def build(model: str, out: Path, backend: str, device: str, profile: str | None, exporter: str, force: bool, as_json: bool):
+    """Build engines for MODEL (or a folder made by `kiln export`) into the artifact folder OUT."""
+    from engines.build import BuildOptions, build_from_export, build_from_model
+
+    options = BuildOptions(backend=backend, device=device, force=force)
+    started = time.perf_counter()
+    if (Path(model) / "export.json").is_file():
+        if profile:
+            raise click.UsageError("--profile applies when exporting; this export folder already fixes its shapes")
+        result = build_from_export(Path(model), out, options)
+    else:
+        from exporters.export import ExportOptions
+
+        result = build_from_model(model, out, options, profile, ExportOptions(exporter=exporter))
+    seconds = time.perf_counter() - started
+    if as_json:
+        click.echo(json.dumps({"folder": str(result.folder), "skipped": result.skipped, "build_key": result.build_key,
+                               "seconds": round(seconds, 2)}))
+    elif result.skipped:
+        click.echo(f"{out} is up to date; skipped (build key {result.build_key[:12]}). Use --force to rebuild")
+    else:
+        click.echo(f"built {out} in {seconds:.1f} s")
+
+
+@cli.command()
+@click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest and report as JSON.")
+def inspect(folder: Path, as_json: bool):
+    """Show an artifact folder's manifest: model, backend, shape ranges, engines and parity."""
+    from runtime.manifest import REPORT_FILE, load_manifest
+
+    manifest = load_manifest(folder)
+    report_path = folder / REPORT_FILE
+    report = json.loads(report_path.read_text(encoding="utf-8")) if report_path.is_file() else {}
+    if as_json:
+        click.echo(json.dumps({"manifest": manifest.data, "report": report}, indent=2))
+        return
+    d = manifest.data
+    b, shapes = d["backend"], d["profile"]["shapes"]
+    summary = [
+        ("model", d["model"]["source"]),
+        ("pipeline", d["model"]["pipeline_class"]),
+        ("weights sha256", d["model"]["weights_sha256"][:16]),
+        ("backend", f"{b['name']} {b['version']} ({b.get('execution_provider', '-')})"),
+        ("batch", "min {} / opt {} / max {}".format(*shapes["batch"])),
+        ("height", "min {} / opt {} / max {} (multiple of {})".format(*shapes["height"], manifest.size_multiple)),
+        ("width", "min {} / opt {} / max {}".format(*shapes["width"])),
+        ("format / kiln", f"{d['format_version']} / {d['kiln_version']}"),
+        ("created", d.get("created", "?")),
+        ("build key", d.get("build_key", "?")[:16]),
+    ]
+    click.echo(format_table(["field", "value"], summary))
+    click.echo()
+    rows = []
+    for name, c in d["components"].items():
+        size = sum((folder / f).stat().st_size for f in c["files"] if (folder / f).is_file())
+        export_err = max((r["max_abs_err"] for r in report.get("export_parity", {}).get(name, [])), default=float("nan"))
+        engine_err = max((r["max_abs_err"] for r in report.get("engine_parity", {}).get(name, [])), default=float("nan"))
+        io = ", ".join(f"{t['name']} {_dims(t['min'])}..{_dims(t['max'])}" for t in c["inputs"])
+        rows.append((name, c["file"], c["precision"], f"{size / 2**20:.1f}", c["build_seconds"], export_err, engine_err, io))
+    click.echo(format_table(["component", "file", "precision", "MiB", "build s", "onnx err", "engine err", "inputs (min..max)"], rows))
+
+
+def _dims(shape) -> str:
+    return "x".join(map(str, shape))
+
+
+@cli.command()
+@click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("prompt")
+@click.option("--negative-prompt", default=None)
+@click.option("--steps", default=20, show_default=True, type=click.IntRange(1, 1000))
+@click.option("--guidance", "guidance_scale", default=7.5, show_default=True, type=float)
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--height", default=None, type=int, help="Pixels; default: the model's native size.")
+@click.option("--width", default=None, type=int, help="Pixels; default: the model's native size.")
+@click.option("--num-images", default=1, show_default=True, type=click.IntRange(1, 64))
+@click.option("--scheduler", default=None, help="ddim, pndm, euler, euler-a, dpm++2m, dpm++2m-karras, unipc, lms, or a diffusers class name.")
+@click.option("--init-image", type=click.Path(exists=True, dir_okay=False), help="Image for img2img (sets the size).")
+@click.option("--strength", default=0.75, show_default=True, type=click.FloatRange(0, 1), help="img2img strength.")
+@click.option("-o", "--output", default="out.png", show_default=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print what was written as JSON.")
+def generate(folder: Path, prompt: str, negative_prompt, steps, guidance_scale, seed, height, width, num_images,
+             scheduler, init_image, strength, output: Path, as_json: bool):
+    """Generate an image from PROMPT with the engines in FOLDER."""
+    import torch
+
+    from runtime import load_pipeline
+    from runtime.schedulers import scheduler_from_name
+
+    started = time.perf_counter()
+    pipe = load_pipeline(folder, task="img2img" if init_image else "text2img")
+    if scheduler:
+        pipe.scheduler = scheduler_from_name(scheduler, pipe.scheduler.config)
+    args = dict(prompt=prompt, negative_prompt=negative_prompt, num_inference_steps=steps, guidance_scale=guidance_scale,
+                num_images_per_prompt=num_images, generator=torch.Generator("cpu").manual_seed(seed))
+    if init_image:
+        from PIL import Image
+
+        args.update(image=Image.open(init_image).convert("RGB"), strength=strength)
+    else:
+        args.update(height=height, width=width)
+    with contextlib.redirect_stdout(sys.stderr):
+        images = pipe(**args).images
+    paths = []
+    for i, image in enumerate(images):
+        path = output if len(images) == 1 else output.with_name(f"{output.stem}-{i}{output.suffix}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        image.save(path)
+        paths.append(path)
+    seconds = time.perf_counter() - started
+    if as_json:
+        click.echo(json.dumps({"images": [str(p) for p in paths], "size": list(images[0].size), "steps": steps,
+                               "seed": seed, "seconds": round(seconds, 3)}))
+    else:
+        w, h = images[0].size
+        click.echo(f"wrote {', '.join(map(str, paths))} ({w}x{h}, {steps} steps, {pipe.scheduler.__class__.__name__}, "
+                   f"{seconds:.1f} s)")
+
+
+def main():
+    cli(prog_name="kiln")
+
+
+if __name__ == "__main__":
+    main()
