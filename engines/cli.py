@@ -37,12 +37,32 @@ def cli(verbose: bool, quiet: bool):
     """kiln: build Stable Diffusion engines ahead of time and run them as a diffusers pipeline."""
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # torchvision and similar notices, not ours
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
-    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr, force=True)
-    for noisy in ("onnxscript", "onnx_ir", "torch.onnx", "torch._dynamo", "torch.export"):
-        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+    _setup_logging(level)
 
 
-_model_help = "A profile name (tiny, sd15, sd21, ...), a local diffusers folder, or a hub id."
+def _setup_logging(level: int) -> None:
+    """Progress from kiln's own packages goes to stderr, so stdout stays clean for --json."""
+    for name in ("exporters", "engines", "runtime", "kiln"):
+        logger = logging.getLogger(name)
+        logger.setLevel(level)
+        if not any(getattr(h, "_kiln", False) for h in logger.handlers):
+            handler = _StderrHandler()
+            handler.setFormatter(logging.Formatter("%(message)s"))
+            logger.addHandler(handler)
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time of each record."""
+
+    _kiln = True
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
 
 
 @cli.command()

@@ -9,8 +9,10 @@ built from it without torch. Layout:
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import sys
 import logging
 import time
 import warnings
@@ -150,7 +152,8 @@ def onnx_from_torch(spec: ComponentSpec, module, ranges: dict[str, dict[str, lis
     opset = options.opset or (None if options.exporter == "dynamo" else 17)
     if opset is not None:
         kwargs["opset_version"] = opset
-    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+    # torch.onnx prints its progress to stdout; send it to stderr so stdout stays clean for --json.
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr):
         warnings.simplefilter("ignore")
         path = Path(tmp) / "model.onnx"
         try:

@@ -1,0 +1,99 @@
+"""Artifact builds: atomic, skipped when the inputs are unchanged, refused when an export is altered."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from engines import build as build_mod
+from engines import ort_backend
+from engines.build import BuildOptions, build_from_export, build_from_model
+from runtime.errors import BuildError
+from runtime.manifest import load_manifest
+
+
+def test_rebuild_with_unchanged_inputs_is_skipped(tiny_export, tiny_artifact, caplog):
+    before = (tiny_artifact / "manifest.json").read_bytes()
+    with caplog.at_level("INFO"):
+        result = build_from_export(tiny_export, tiny_artifact)
+    assert result.skipped
+    assert "is up to date" in caplog.text
+    assert (tiny_artifact / "manifest.json").read_bytes() == before
+
+
+def test_changed_artifact_is_rebuilt(tiny_export, tiny_artifact, tmp_path):
+    folder = shutil.copytree(tiny_artifact, tmp_path / "a")
+    (folder / "unet.onnx").write_bytes(b"damaged")
+    result = build_from_export(tiny_export, folder)
+    assert not result.skipped
+    assert load_manifest(folder).data["build_key"] == result.build_key
+    assert (folder / "unet.onnx").stat().st_size > 1000
+
+
+def test_force_rebuilds(tiny_export, tiny_artifact, tmp_path):
+    folder = shutil.copytree(tiny_artifact, tmp_path / "a")
+    assert not build_from_export(tiny_export, folder, BuildOptions(force=True)).skipped
+
+
+def test_model_build_skips_before_exporting(sd15_artifact, monkeypatch):
+    import exporters.export
+
+    def no_export(*args, **kwargs):
+        raise AssertionError("an up-to-date artifact must not be exported again")
+
+    monkeypatch.setattr(exporters.export, "export_model", no_export)
+    assert build_from_model("tiny-sd15", sd15_artifact).skipped
+
+
+def test_interrupted_build_leaves_nothing(tiny_export, tmp_path, monkeypatch):
+    real = ort_backend.engine_from_onnx
+    calls = []
+
+    def interrupt_second(*args, **kwargs):
+        calls.append(args[0])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ort_backend, "engine_from_onnx", interrupt_second)
+    with pytest.raises(KeyboardInterrupt):
+        build_from_export(tiny_export, tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_rebuild_keeps_the_old_artifact(tiny_export, tiny_artifact, tmp_path, monkeypatch):
+    folder = shutil.copytree(tiny_artifact, tmp_path / "a")
+    before = sorted(p.name for p in folder.iterdir())
+    monkeypatch.setattr(ort_backend, "engine_from_onnx", lambda *a, **k: (_ for _ in ()).throw(BuildError("boom")))
+    with pytest.raises(BuildError, match="boom"):
+        build_from_export(tiny_export, folder, BuildOptions(force=True))
+    assert sorted(p.name for p in folder.iterdir()) == before
+    assert [p.name for p in tmp_path.iterdir()] == ["a"]
+
+
+def test_altered_export_is_refused(tiny_export, tmp_path):
+    export = shutil.copytree(tiny_export, tmp_path / "exp")
+    (export / "unet" / "model.onnx").write_bytes(b"not onnx")
+    with pytest.raises(BuildError, match=r"incomplete or altered[\s\S]*unet/model.onnx"):
+        build_from_export(export, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_backend_and_device():
+    import onnxruntime
+
+    with pytest.raises(BuildError, match="unknown backend 'tensorrt'; available backends: onnxruntime"):
+        BuildOptions(backend="tensorrt")
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("onnxruntime-gpu is installed here; the missing-provider error cannot be provoked")
+    with pytest.raises(BuildError, match="no CUDAExecutionProvider"):
+        build_mod.backend_identity(BuildOptions(device="cuda"))
+
+
+def test_report_records_parity(tiny_artifact):
+    report = json.loads((tiny_artifact / "report.json").read_text())
+    for name in ("text_encoder", "unet", "vae_decoder", "vae_encoder"):
+        assert [r["point"] for r in report["export_parity"][name]] == ["min", "opt", "max"]
+        (engine,) = report["engine_parity"][name]
+        assert engine["ok"] and engine["max_abs_err"] < engine["tolerance"]

@@ -1,0 +1,111 @@
+"""The `kiln` command and the README's commands, as a user runs them."""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import pkgutil
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from engines.cli import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+COMMANDS = ["export", "build", "inspect", "generate"]
+
+
+def _run(*args, **kwargs):
+    return subprocess.run([sys.executable, "-m", "engines.cli", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600, **kwargs)
+
+
+def test_every_module_imports():
+    import exporters
+    import engines
+    import runtime
+
+    names = [m.name for pkg in (exporters, engines, runtime) for m in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + ".")]
+    assert {"exporters.export", "engines.build", "runtime.pipeline"} <= set(names)
+    for name in names:
+        importlib.import_module(name)
+
+
+def test_help_works_without_heavy_packages():
+    script = (
+        "import sys\n"
+        "from click.testing import CliRunner\n"
+        "from engines.cli import cli\n"
+        f"for args in [[]] + [[c] for c in {COMMANDS!r}]:\n"
+        "    r = CliRunner().invoke(cli, args + ['--help'])\n"
+        "    assert r.exit_code == 0 and 'Usage:' in r.output, (args, r.output)\n"
+        "import runtime\n"
+        "heavy = [m for m in ('torch', 'diffusers', 'onnx', 'onnxruntime', 'tensorrt', 'transformers') if m in sys.modules]\n"
+        "print(heavy)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+def test_errors_are_one_message_and_a_nonzero_exit(tmp_path):
+    out = _run("build", "no-such-model", "--out", str(tmp_path / "x"))
+    assert out.returncode == 2
+    assert "error: MODEL 'no-such-model' is neither a profile" in out.stderr and "Valid profiles:" in out.stderr
+    assert "Traceback" not in out.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_generate_inspect_and_build_skip(tiny_artifact, tiny_export, tmp_path):
+    runner = CliRunner()
+    png = tmp_path / "fox.png"
+    r = runner.invoke(cli, ["generate", str(tiny_artifact), "a red fox", "--steps", "3", "--seed", "1", "--height", "64",
+                            "--width", "96", "--scheduler", "dpm++2m", "-o", str(png), "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["images"] == [str(png)]
+    assert Image.open(png).size == (96, 64)
+
+    r = runner.invoke(cli, ["generate", str(tiny_artifact), "a red fox", "--height", "100"])
+    assert r.exit_code == 2 and "a multiple of 16" in r.output
+
+    Image.open(png).save(tmp_path / "init.png")
+    r = runner.invoke(cli, ["generate", str(tiny_artifact), "a watercolour", "--init-image", str(tmp_path / "init.png"),
+                            "--strength", "0.5", "--steps", "4", "-o", str(tmp_path / "i2i.png")])
+    assert r.exit_code == 0, r.output
+    assert Image.open(tmp_path / "i2i.png").size == (96, 64)
+
+    r = runner.invoke(cli, ["inspect", str(tiny_artifact)])
+    assert r.exit_code == 0
+    assert "onnxruntime" in r.output and "CPUExecutionProvider" in r.output
+    assert "unet" in r.output and "sample 1x4x8x8..8x4x32x32" in r.output
+    r = runner.invoke(cli, ["inspect", str(tiny_artifact), "--json"])
+    data = json.loads(r.stdout)
+    assert data["manifest"]["format_version"] == 1 and "engine_parity" in data["report"]
+
+    r = runner.invoke(cli, ["build", str(tiny_export), "--out", str(tiny_artifact), "--json"])
+    assert r.exit_code == 0 and json.loads(r.stdout)["skipped"] is True
+
+    r = runner.invoke(cli, ["generate", str(tiny_artifact), "x", "--scheduler", "nope"])
+    assert r.exit_code == 2 and "unknown scheduler 'nope'" in r.output
+
+
+def test_readme_shows_the_two_setup_commands():
+    readme = (ROOT / "README.md").read_text()
+    assert readme.index("make engines") < readme.index("make test") < readme.index("## ")
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
+def test_make_engines(tiny_artifact, tmp_path):
+    """`make engines` on an up-to-date artifact: skips the build, generates the proof image, inspects."""
+    out = shutil.copytree(tiny_artifact, tmp_path / "tiny")
+    kiln = f"{sys.executable} -m engines.cli"
+    r = subprocess.run(["make", "engines", "INSTALL=", f"KILN={kiln}", f"OUT={out}"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=600, env=os.environ)
+    assert r.returncode == 0, r.stderr
+    assert "is up to date; skipped" in r.stdout
+    assert Image.open(out / "sample.png").size == (128, 128)
