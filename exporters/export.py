@@ -58,7 +58,7 @@ def export_key(source: ModelSource, profile: Profile, options: ExportOptions) ->
     import torch
 
     identity = {
-        "weights": source.weights_sha256(),
+        "weights": source.weights_sha256,
         "profile": profile.to_dict() | {"name": None},
         "options": asdict(options),
         "versions": {"kiln": __version__, "torch": torch.__version__, "onnx": onnx.__version__},
@@ -118,7 +118,7 @@ def export_model(source: ModelSource, profile: Profile, out_dir: Path, options: 
             "kiln_version": __version__,
             "export_key": key,
             "model": {"source": source.source, "pipeline_class": source.pipeline_class,
-                      "weights_sha256": source.weights_sha256()},
+                      "weights_sha256": source.weights_sha256},
             "profile": profile.to_dict(),
             "dims": source.dims.to_dict(),
             "exporter": {"name": options.exporter, "opset": options.opset, "torch": torch.__version__,

@@ -1,6 +1,7 @@
 """Resolve MODEL (profile name, local diffusers folder or hub id) to a validated diffusers folder."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -55,8 +56,9 @@ class ModelSource:
     pipeline_class: str
     dims: ModelDims
 
+    @functools.cached_property
     def weights_sha256(self) -> str:
-        """Content hash of every file of the five components (not of file names or dates)."""
+        """Content hash of every file of the five components (not of dates); computed once."""
         digest = hashlib.sha256()
         for component in REQUIRED_COMPONENTS:
             for path in sorted((self.folder / component).rglob("*")):

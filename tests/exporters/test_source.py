@@ -34,11 +34,11 @@ def test_tiny_resolves_through_the_local_folder_path():
 
 
 def test_builtin_is_deterministic(tmp_path, monkeypatch):
-    first = open_source("builtin:tiny-sd15").weights_sha256()
+    first = open_source("builtin:tiny-sd15").weights_sha256
     monkeypatch.setenv("KILN_CACHE_DIR", str(tmp_path))
     second = open_source("builtin:tiny-sd15")
     assert str(second.folder).startswith(str(tmp_path))
-    assert second.weights_sha256() == first
+    assert second.weights_sha256 == first
 
 
 def test_local_folder_gets_default_ranges_from_its_config(tmp_path):
