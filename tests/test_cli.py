@@ -65,19 +65,19 @@ def test_generate_inspect_and_build_skip(tiny_artifact, tiny_export, tmp_path):
     runner = CliRunner()
     png = tmp_path / "fox.png"
     r = runner.invoke(cli, ["generate", str(tiny_artifact), "a red fox", "--steps", "3", "--seed", "1", "--height", "64",
-                            "--width", "96", "--scheduler", "dpm++2m", "-o", str(png), "--json"])
+                            "--width", "192", "--scheduler", "dpm++2m", "-o", str(png), "--json"])
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["images"] == [str(png)]
-    assert Image.open(png).size == (96, 64)
+    assert Image.open(png).size == (192, 64)
 
     r = runner.invoke(cli, ["generate", str(tiny_artifact), "a red fox", "--height", "100"])
-    assert r.exit_code == 2 and "a multiple of 16" in r.output
+    assert r.exit_code == 2 and "a multiple of 64" in r.output
 
     Image.open(png).save(tmp_path / "init.png")
     r = runner.invoke(cli, ["generate", str(tiny_artifact), "a watercolour", "--init-image", str(tmp_path / "init.png"),
                             "--strength", "0.5", "--steps", "4", "-o", str(tmp_path / "i2i.png")])
     assert r.exit_code == 0, r.output
-    assert Image.open(tmp_path / "i2i.png").size == (96, 64)
+    assert Image.open(tmp_path / "i2i.png").size == (192, 64)
 
     r = runner.invoke(cli, ["inspect", str(tiny_artifact)])
     assert r.exit_code == 0

@@ -29,7 +29,7 @@ def test_tiny_resolves_through_the_local_folder_path():
     assert unet["use_linear_projection"] and unet["upcast_attention"]
     scheduler = json.loads((source.folder / "scheduler" / "scheduler_config.json").read_text())
     assert scheduler["prediction_type"] == "v_prediction"
-    assert source.dims.max_tokens == 77 and source.dims.size_multiple == 16
+    assert source.dims.max_tokens == 77 and source.dims.size_multiple == 64
     assert profile.height.as_list() == [64, 128, 256]
 
 
@@ -52,9 +52,9 @@ def test_local_folder_gets_default_ranges_from_its_config(tmp_path):
 def test_profile_file_overrides_ranges(tmp_path):
     folder = shutil.copytree(ensure_builtin("tiny"), tmp_path / "m")
     toml = tmp_path / "p.toml"
-    toml.write_text('[shapes]\nbatch = [1, 2, 2]\nheight = [64, 64, 128]\nwidth = [96, 96, 96]\n')
+    toml.write_text('[shapes]\nbatch = [1, 2, 2]\nheight = [64, 64, 128]\nwidth = [64, 128, 128]\n')
     _, profile = resolve_model(str(folder), toml)
-    assert profile.batch.as_list() == [1, 2, 2] and profile.width.as_list() == [96, 96, 96]
+    assert profile.batch.as_list() == [1, 2, 2] and profile.width.as_list() == [64, 128, 128]
 
 
 def test_unknown_model_lists_profiles():
@@ -124,5 +124,5 @@ def test_bad_profile_files(tmp_path, text, message):
 def test_profile_sizes_must_fit_the_model(tmp_path):
     path = tmp_path / "p.toml"
     path.write_text('[shapes]\nbatch = [1, 1, 4]\nheight = [72, 128, 256]\nwidth = [64, 128, 256]\n')
-    with pytest.raises(ProfileError, match=r"multiples of 16[\s\S]*shapes.height\s+multiples of 16\s+\[72, 128, 256\]"):
+    with pytest.raises(ProfileError, match=r"multiples of 64[\s\S]*shapes.height\s+multiples of 64\s+\[72, 128, 256\]"):
         resolve_model("tiny", path)

@@ -23,10 +23,10 @@ def pipe(tiny_artifact):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(height=512, width=64), r"height\s+512\s+64\.\.256, a multiple of 16"),
+        (dict(height=512, width=64), r"height\s+512\s+64\.\.256, a multiple of 64"),
         (dict(height=32, width=64), r"height\s+32\s+64\.\.256"),
-        (dict(height=64, width=100), r"width\s+100\s+64\.\.256, a multiple of 16"),
-        (dict(height=72, width=64), "a multiple of 16"),
+        (dict(height=64, width=100), r"width\s+100\s+64\.\.256, a multiple of 64"),
+        (dict(height=72, width=64), "a multiple of 64"),
         (dict(height=64, width=64, num_images_per_prompt=5), r"batch .*\s+5\s+1\.\.4"),
     ],
 )
