@@ -70,13 +70,16 @@ class _StderrHandler(logging.StreamHandler):
 @click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Export folder to write.")
 @click.option("--profile", "profile", type=click.Path(exists=True, dir_okay=False), help="Profile TOML with the shape ranges.")
 @click.option("--exporter", type=click.Choice(["dynamo", "torchscript"]), default="dynamo", show_default=True)
-def export(model: str, out: Path, profile: str | None, exporter: str):
+@click.option("--check", "check", default="min,opt,max", show_default=True,
+              help="Profile points to compare with PyTorch; 'max' of a large model needs much memory.")
+def export(model: str, out: Path, profile: str | None, exporter: str, check: str):
     """Export MODEL's components to checked ONNX graphs in OUT (portable: build engines anywhere from it)."""
     from exporters.export import ExportOptions, export_model
     from exporters.source import resolve_model
 
+    options = ExportOptions(exporter=exporter, check_points=_points(check))
     source, resolved = resolve_model(model, profile)
-    export_model(source, resolved, out, ExportOptions(exporter=exporter))
+    export_model(source, resolved, out, options)
     click.echo(f"exported {model} to {out}")
 
 
@@ -88,9 +91,12 @@ def export(model: str, out: Path, profile: str | None, exporter: str):
               help="Execution provider for onnxruntime (cuda needs onnxruntime-gpu).")
 @click.option("--profile", "profile", type=click.Path(exists=True, dir_okay=False), help="Profile TOML with the shape ranges.")
 @click.option("--exporter", type=click.Choice(["dynamo", "torchscript"]), default="dynamo", show_default=True)
+@click.option("--check", "check", default="min,opt,max", show_default=True,
+              help="Profile points to compare with PyTorch when exporting MODEL.")
 @click.option("--force", is_flag=True, help="Rebuild even when the inputs are unchanged.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def build(model: str, out: Path, backend: str, device: str, profile: str | None, exporter: str, force: bool, as_json: bool):
+def build(model: str, out: Path, backend: str, device: str, profile: str | None, exporter: str, check: str, force: bool,
+          as_json: bool):
     """Build engines for MODEL (or a folder made by `kiln export`) into the artifact folder OUT."""
     from engines.build import BuildOptions, build_from_export, build_from_model
 
@@ -103,7 +109,7 @@ def build(model: str, out: Path, backend: str, device: str, profile: str | None,
     else:
         from exporters.export import ExportOptions
 
-        result = build_from_model(model, out, options, profile, ExportOptions(exporter=exporter))
+        result = build_from_model(model, out, options, profile, ExportOptions(exporter=exporter, check_points=_points(check)))
     seconds = time.perf_counter() - started
     if as_json:
         click.echo(json.dumps({"folder": str(result.folder), "skipped": result.skipped, "build_key": result.build_key,
@@ -151,6 +157,10 @@ def inspect(folder: Path, as_json: bool):
         io = ", ".join(f"{t['name']} {_dims(t['min'])}..{_dims(t['max'])}" for t in c["inputs"])
         rows.append((name, c["file"], c["precision"], f"{size / 2**20:.1f}", c["build_seconds"], export_err, engine_err, io))
     click.echo(format_table(["component", "file", "precision", "MiB", "build s", "onnx err", "engine err", "inputs (min..max)"], rows))
+
+
+def _points(text: str) -> tuple[str, ...]:
+    return tuple(p.strip() for p in text.split(",") if p.strip())
 
 
 def _dims(shape) -> str:

@@ -109,3 +109,28 @@ def test_make_engines(tiny_artifact, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "is up to date; skipped" in r.stdout
     assert Image.open(out / "sample.png").size == (128, 128)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["build", "tiny", "--out", "{tmp}/o", "--profile", "{tmp}/bad.toml"], "shapes.height"),
+        (["build", "{tmp}/empty", "--out", "{tmp}/o"], "has no model_index.json"),
+        (["export", "someone/unreachable-model", "--out", "{tmp}/o"], "pass the local folder as MODEL"),
+        (["export", "tiny", "--out", "{tmp}/o", "--check", "min,biggest"], "check points must be a non-empty subset"),
+        (["inspect", "{tmp}/empty"], "has no manifest.json"),
+        (["generate", "{tmp}/empty", "a cat"], "has no manifest.json"),
+    ],
+)
+def test_bad_input_exits_2_with_one_message(tmp_path, monkeypatch, args, message):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "bad.toml").write_text("[shapes]\nbatch = [1, 1, 4]\nheight = [512, 64, 64]\nwidth = [64, 64, 64]\n")
+    r = CliRunner().invoke(cli, [a.format(tmp=tmp_path) for a in args])
+    assert r.exit_code == 2, r.output
+    assert "\nerror: " in "\n" + r.output and message in r.output.split("error: ", 1)[1]
+    assert "Traceback" not in r.output
+    assert not (tmp_path / "o").exists()

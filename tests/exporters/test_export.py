@@ -86,3 +86,31 @@ def test_export_records_its_inputs(tiny_export):
     assert export["exporter"]["name"] == "dynamo"
     assert export["components"]["unet"]["config"]["upcast_attention"] is True
     assert export["components"]["unet"]["config"]["cross_attention_dim"] == 32
+
+
+def test_interrupted_export_leaves_nothing(tmp_path, monkeypatch):
+    import exporters.export as export_mod
+
+    source, profile = resolve_model("tiny")
+    calls = []
+
+    def interrupt_second(model, ctx):
+        calls.append(ctx.component)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return model
+
+    monkeypatch.setattr(export_mod, "run_passes", interrupt_second)
+    with pytest.raises(KeyboardInterrupt):
+        export_model(source, profile, tmp_path / "exp", ExportOptions(components=("text_encoder", "vae_decoder")))
+    assert calls == ["text_encoder", "vae_decoder"]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_check_points_are_recorded(tmp_path):
+    source, profile = resolve_model("tiny")
+    out = export_model(source, profile, tmp_path / "exp",
+                       ExportOptions(components=("text_encoder",), check_points=("min",)))
+    entry = read_export(out)["components"]["text_encoder"]
+    assert [r["point"] for r in entry["parity"]] == ["min"]
+    assert (out / entry["reference"]).is_file()
