@@ -114,6 +114,7 @@ def export_model(source: ModelSource, profile: Profile, out_dir: Path, options: 
                 "outputs": [_tensor_entry(t, ranges) for t in spec.outputs],
                 "config": spec.config_of(pipe),
                 "precision": profile.precision_of(name),
+                "tolerance": {"atol": spec.atol, "rtol": spec.rtol},
                 "parity": [r.to_dict() for r in rows],
                 "export_seconds": round(seconds, 2),
                 "reference": f"reference/{name}.npz",

@@ -107,10 +107,15 @@ def test_interrupted_export_leaves_nothing(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_check_points_are_recorded(tmp_path):
+def test_check_points_are_recorded_and_buildable(tmp_path):
+    from engines.build import build_from_export
+
     source, profile = resolve_model("tiny")
     out = export_model(source, profile, tmp_path / "exp",
                        ExportOptions(components=("text_encoder",), check_points=("min",)))
     entry = read_export(out)["components"]["text_encoder"]
     assert [r["point"] for r in entry["parity"]] == ["min"]
     assert (out / entry["reference"]).is_file()
+    build_from_export(out, tmp_path / "art")  # engine parity still runs, on the opt-shape reference
+    report = json.loads((tmp_path / "art" / "report.json").read_text())
+    assert report["engine_parity"]["text_encoder"][0]["ok"]
