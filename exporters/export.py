@@ -25,7 +25,7 @@ from exporters.passes import PassContext, run_passes
 from exporters.profile import COMPONENTS, Profile
 from exporters.source import ModelSource
 from exporters.specs import ComponentSpec, component_specs, dynamic_axes, sample_inputs, tensor_ranges
-from runtime.errors import ExportError, ToleranceError
+from runtime.errors import ExportError
 from runtime.files import atomic_folder, folder_checksums
 from runtime.version import __version__
 
@@ -214,12 +214,6 @@ def _tensor_entry(t, ranges) -> dict[str, Any]:
 
 
 def _json_default(value):
-    if isinstance(value, (set, tuple)):
-        return list(value)
-    if isinstance(value, Path):
-        return str(value)
-    return str(value)
+    """Configs may hold sets, tuples or paths; JSON gets lists and strings."""
+    return list(value) if isinstance(value, (set, tuple)) else str(value)
 
-
-__all__ = ["ExportOptions", "export_key", "export_model", "onnx_from_torch", "read_export", "save_onnx",
-           "ToleranceError"]

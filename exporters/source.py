@@ -73,11 +73,10 @@ class ModelSource:
         from diffusers import StableDiffusionPipeline
 
         pipe = StableDiffusionPipeline.from_pretrained(
-            self.folder, torch_dtype=torch.float32, safety_checker=None, feature_extractor=None,
-            requires_safety_checker=False,
+            self.folder, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
         )
         for module in (pipe.unet, pipe.vae, pipe.text_encoder):
-            module.eval()
+            module.to(torch.float32).eval()
         return pipe
 
 

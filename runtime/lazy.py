@@ -37,13 +37,6 @@ class LazyModule:
                 ) from exc
         return self._module
 
-    def available(self) -> bool:
-        try:
-            self.load()
-        except MissingDependencyError:
-            return False
-        return True
-
     def __getattr__(self, attr: str) -> Any:
         if attr.startswith("_") and attr not in ("__version__", "__file__"):
             raise AttributeError(attr)
