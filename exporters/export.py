@@ -134,7 +134,8 @@ def export_model(source: ModelSource, profile: Profile, out_dir: Path, options: 
                          "onnx": onnx.__version__},
             "components": components,
         }
-        manifest["files"] = {k: v for k, v in folder_checksums(tmp).items() if k.startswith(("tokenizer/", "scheduler/", "reference/"))}
+        manifest["files"] = {f"{sub}/{rel}": sha for sub in ("tokenizer", "scheduler", "reference")
+                             for rel, sha in folder_checksums(tmp / sub).items()}
         (tmp / EXPORT_FILE).write_text(json.dumps(manifest, indent=2, default=_json_default), encoding="utf-8")
     log.info("wrote %s", out_dir)
     return out_dir
