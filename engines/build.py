@@ -46,6 +46,11 @@ def backend_identity(options: BuildOptions) -> dict[str, Any]:
     return ort_backend.identity(ort_backend.OrtTarget(options.device))
 
 
+def int8_target(options: BuildOptions) -> str:
+    """The int8 recipe that suits the build target: U8S8 for ONNX Runtime on CPU, else TensorRT's."""
+    return "ort-cpu" if options.backend == "onnxruntime" and options.device == "cpu" else "tensorrt"
+
+
 def build_key(export_key: str, backend: dict[str, Any]) -> str:
     identity = {"export": export_key, "backend": backend, "format": FORMAT_VERSION, "kiln": __version__}
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
@@ -70,7 +75,7 @@ def build_from_model(model: str, out_dir: Path, options: BuildOptions = BuildOpt
     from exporters.export import ExportOptions, export_key, export_model
     from exporters.source import resolve_model
 
-    export_options = export_options or ExportOptions()
+    export_options = export_options or ExportOptions(int8_target=int8_target(options))
     out_dir = Path(out_dir)
     source, profile = resolve_model(model, profile_path)
     ekey = export_key(source, profile, export_options)
@@ -90,13 +95,15 @@ def build_from_export(export_dir: Path, out_dir: Path, options: BuildOptions = B
 
     export_dir, out_dir = Path(export_dir), Path(out_dir)
     export = read_export(export_dir)
+    target = ort_backend.OrtTarget(options.device)
+    for name, entry in export["components"].items():
+        ort_backend.check_precision(target, name, entry["precision"])
     _verify_export(export_dir, export)
     backend = backend_identity(options)
     key = build_key(export["export_key"], backend)
     if not options.force and up_to_date(out_dir, key):
         log.info("%s is up to date (build key %s); nothing to do. Use --force to rebuild", out_dir, key[:12])
         return BuildResult(out_dir, True, key)
-    target = ort_backend.OrtTarget(options.device)
     components, engine_parity = {}, {}
     names = list(export["components"])
     with atomic_folder(out_dir) as tmp:
@@ -111,6 +118,8 @@ def build_from_export(export_dir: Path, out_dir: Path, options: BuildOptions = B
                 "file": engine_file,
                 "files": [p.name for p in files],
                 "precision": entry["precision"],
+                **({"int8": entry["int8"]} if "int8" in entry else {}),
+                **({"fp16": entry["fp16"]} if "fp16" in entry else {}),
                 "onnx_sha256": entry["files"]["model.onnx"],
                 "inputs": entry["inputs"],
                 "outputs": entry["outputs"],
@@ -125,6 +134,10 @@ def build_from_export(export_dir: Path, out_dir: Path, options: BuildOptions = B
         report = {
             "export_parity": {n: export["components"][n]["parity"] for n in names},
             "engine_parity": engine_parity,
+            "quality": {
+                "components": {n: {"precision": c["precision"], **c.get("quality", {})} for n, c in export["components"].items()},
+                **export.get("quality", {}),
+            },
         }
         (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2), encoding="utf-8")
         listed = [p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file()]
@@ -161,18 +174,27 @@ def _engine_parity(folder: Path, name: str, component: dict, reference: Path, en
     engine = OrtEngine(folder / component["file"], info, provider=backend["execution_provider"])
     data = np.load(reference)
     out = engine(**{t.name: torch.from_numpy(data[t.name]) for t in info.inputs})
+    from exporters.quality import COSINE_GATES, cosine
+
     rows = []
     atol, rtol = entry["tolerance"]["atol"], entry["tolerance"]["rtol"]
     for t in info.outputs:
         ref = data[t.name].astype(np.float64)
-        err = float(np.max(np.abs(out[t.name].cpu().numpy().astype(np.float64) - ref)))
-        tolerance = atol + rtol * float(np.max(np.abs(ref)))
-        rows.append({"point": "opt", "output": t.name, "shape": list(ref.shape), "max_abs_err": err,
-                     "tolerance": tolerance, "ok": err <= tolerance})
+        got = out[t.name].cpu().numpy().astype(np.float64)
+        row = {"point": "opt", "output": t.name, "shape": list(ref.shape),
+               "max_abs_err": float(np.max(np.abs(got - ref))), "cosine": cosine(got, ref)}
+        if component["precision"] == "fp32":  # an fp32 engine must reproduce PyTorch
+            row["tolerance"] = atol + rtol * float(np.max(np.abs(ref)))
+            row["ok"] = row["max_abs_err"] <= row["tolerance"]
+        else:  # a lower-precision engine must stay above its quality gate
+            row["min_cosine"] = COSINE_GATES[component["precision"]]
+            row["ok"] = row["cosine"] >= row["min_cosine"]
+        rows.append(row)
     if not all(r["ok"] for r in rows):
         raise ToleranceError(
-            f"{name}: the {backend['name']} engine disagrees with PyTorch beyond tolerance:\n"
-            + format_table(["output", "max |err|", "tolerance"], [(r["output"], r["max_abs_err"], r["tolerance"]) for r in rows])
+            f"{name}: the {backend['name']} {component['precision']} engine disagrees with PyTorch:\n"
+            + format_table(["output", "max |err|", "cosine", "required"],
+                           [(r["output"], r["max_abs_err"], r["cosine"], r.get("tolerance", r.get("min_cosine"))) for r in rows])
         )
     return rows
 

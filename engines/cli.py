@@ -70,14 +70,22 @@ class _StderrHandler(logging.StreamHandler):
 @click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Export folder to write.")
 @click.option("--profile", "profile", type=click.Path(exists=True, dir_okay=False), help="Profile TOML with the shape ranges.")
 @click.option("--exporter", type=click.Choice(["dynamo", "torchscript"]), default="dynamo", show_default=True)
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default=None,
+              help="Every component at this precision (default: the profile's; int8 applies to the UNet).")
+@click.option("--calibration-prompts", type=click.Path(exists=True, dir_okay=False),
+              help="int8: prompt file, one per line (overrides the profile's).")
+@click.option("--int8-recipe", type=click.Choice(["tensorrt", "ort-cpu"]), default="tensorrt", show_default=True,
+              help="int8 recipe when the profile says auto: TensorRT's (symmetric) or ONNX Runtime CPU's (U8S8).")
 @click.option("--check", "check", default="min,opt,max", show_default=True,
               help="Profile points to compare with PyTorch; 'max' of a large model needs much memory.")
-def export(model: str, out: Path, profile: str | None, exporter: str, check: str):
+def export(model: str, out: Path, profile: str | None, exporter: str, precision, calibration_prompts, int8_recipe,
+           check: str):
     """Export MODEL's components to checked ONNX graphs in OUT (portable: build engines anywhere from it)."""
     from exporters.export import ExportOptions, export_model
     from exporters.source import resolve_model
 
-    options = ExportOptions(exporter=exporter, check_points=_points(check))
+    options = ExportOptions(exporter=exporter, check_points=_points(check), precision=precision,
+                            calibration_prompts=calibration_prompts, int8_target=int8_recipe)
     source, resolved = resolve_model(model, profile)
     export_model(source, resolved, out, options)
     click.echo(f"exported {model} to {out}")
@@ -91,25 +99,32 @@ def export(model: str, out: Path, profile: str | None, exporter: str, check: str
               help="Execution provider for onnxruntime (cuda needs onnxruntime-gpu).")
 @click.option("--profile", "profile", type=click.Path(exists=True, dir_okay=False), help="Profile TOML with the shape ranges.")
 @click.option("--exporter", type=click.Choice(["dynamo", "torchscript"]), default="dynamo", show_default=True)
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default=None,
+              help="Every component at this precision (default: the profile's; int8 applies to the UNet).")
+@click.option("--calibration-prompts", type=click.Path(exists=True, dir_okay=False),
+              help="int8: prompt file, one per line (overrides the profile's).")
 @click.option("--check", "check", default="min,opt,max", show_default=True,
               help="Profile points to compare with PyTorch when exporting MODEL.")
 @click.option("--force", is_flag=True, help="Rebuild even when the inputs are unchanged.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def build(model: str, out: Path, backend: str, device: str, profile: str | None, exporter: str, check: str, force: bool,
-          as_json: bool):
+def build(model: str, out: Path, backend: str, device: str, profile: str | None, exporter: str, precision,
+          calibration_prompts, check: str, force: bool, as_json: bool):
     """Build engines for MODEL (or a folder made by `kiln export`) into the artifact folder OUT."""
-    from engines.build import BuildOptions, build_from_export, build_from_model
+    from engines.build import BuildOptions, build_from_export, build_from_model, int8_target
 
     options = BuildOptions(backend=backend, device=device, force=force)
     started = time.perf_counter()
     if (Path(model) / "export.json").is_file():
-        if profile:
-            raise click.UsageError("--profile applies when exporting; this export folder already fixes its shapes")
+        if profile or precision or calibration_prompts:
+            raise click.UsageError("--profile, --precision and --calibration-prompts apply when exporting; "
+                                   "this export folder already fixed them")
         result = build_from_export(Path(model), out, options)
     else:
         from exporters.export import ExportOptions
 
-        result = build_from_model(model, out, options, profile, ExportOptions(exporter=exporter, check_points=_points(check)))
+        export_options = ExportOptions(exporter=exporter, check_points=_points(check), precision=precision,
+                                       calibration_prompts=calibration_prompts, int8_target=int8_target(options))
+        result = build_from_model(model, out, options, profile, export_options)
     seconds = time.perf_counter() - started
     if as_json:
         click.echo(json.dumps({"folder": str(result.folder), "skipped": result.skipped, "build_key": result.build_key,
@@ -155,8 +170,19 @@ def inspect(folder: Path, as_json: bool):
         export_err = max((r["max_abs_err"] for r in report.get("export_parity", {}).get(name, [])), default=float("nan"))
         engine_err = max((r["max_abs_err"] for r in report.get("engine_parity", {}).get(name, [])), default=float("nan"))
         io = ", ".join(f"{t['name']} {_dims(t['min'])}..{_dims(t['max'])}" for t in c["inputs"])
-        rows.append((name, c["file"], c["precision"], f"{size / 2**20:.1f}", c["build_seconds"], export_err, engine_err, io))
-    click.echo(format_table(["component", "file", "precision", "MiB", "build s", "onnx err", "engine err", "inputs (min..max)"], rows))
+        measured = report.get("quality", {}).get("components", {}).get(name, {})
+        cosines = [m["cosine"] for m in measured.values() if isinstance(m, dict) and "cosine" in m]
+        vs_fp32 = f"{min(cosines):.5f}" if cosines else "-"
+        precision = c["precision"] + (f" ({c['int8']['recipe']})" if "int8" in c else "")
+        rows.append((name, c["file"], precision, f"{size / 2**20:.1f}", c["build_seconds"], export_err, engine_err,
+                     vs_fp32, io))
+    click.echo(format_table(["component", "file", "precision", "MiB", "build s", "onnx err", "engine err",
+                             "cos vs fp32", "inputs (min..max)"], rows))
+    pipeline = report.get("quality", {}).get("pipeline")
+    if pipeline:
+        value = "identical" if pipeline["psnr_db"] is None else f"{pipeline['psnr_db']:.1f} dB"
+        click.echo(f"\nimages vs fp32 engines: PSNR {value} (worst of {len(pipeline['per_image_psnr_db'])}, "
+                   f"{pipeline['steps']} steps, {pipeline['size'][0]}x{pipeline['size'][1]})")
 
 
 def _points(text: str) -> tuple[str, ...]:

@@ -13,7 +13,9 @@ log = logging.getLogger(__name__)
 
 NAME = "onnxruntime"
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
-PRECISIONS = ("fp32",)
+# What each execution provider builds. int8 Q/DQ graphs on GPUs are TensorRT's job: onnxruntime
+# documents quantized inference on NVIDIA GPUs through its TensorRT execution provider, not CUDA.
+PRECISIONS = {"cpu": ("fp32", "fp16", "int8"), "cuda": ("fp32", "fp16")}
 _EXTERNAL_BYTES = 2**31 - 2**20
 
 
@@ -26,6 +28,17 @@ class OrtTarget:
         if self.device not in PROVIDERS:
             raise BuildError(f"onnxruntime device must be one of {', '.join(PROVIDERS)}, got {self.device!r}")
         return PROVIDERS[self.device]
+
+
+def check_precision(target: OrtTarget, component: str, precision: str) -> None:
+    """Refuse, before any work, a precision this target cannot build; the error names both."""
+    allowed = PRECISIONS.get(target.device, ())
+    if precision not in allowed:
+        raise BuildError(
+            f"{component} is {precision}, which the onnxruntime backend on {target.provider} cannot build "
+            f"(it builds {', '.join(allowed)}). Build {precision} with --device cpu (or the TensorRT backend "
+            f"on NVIDIA GPUs), or re-export with --precision {allowed[-1]}"
+        )
 
 
 def identity(target: OrtTarget) -> dict:
@@ -45,8 +58,7 @@ def engine_from_onnx(onnx_path: Path, out_path: Path, target: OrtTarget, precisi
 
     Saved at ORT_ENABLE_EXTENDED (fusions, no hardware-specific layouts), the level ONNX Runtime
     documents as safe to save; layout optimizations run at load time."""
-    if precision not in PRECISIONS:
-        raise BuildError(f"the onnxruntime backend builds {', '.join(PRECISIONS)} graphs; {onnx_path} is {precision}")
+    check_precision(target, onnx_path.parent.name, precision)
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
     options.optimized_model_filepath = str(out_path)

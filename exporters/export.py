@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import shutil
 import sys
 import logging
 import time
@@ -20,12 +21,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from exporters.calibrate import calibration_prompts, record_unet_inputs
 from exporters.check import POINTS, check_against_torch, parity_table
 from exporters.passes import PassContext, run_passes
 from exporters.profile import COMPONENTS, Profile
 from exporters.source import ModelSource
 from exporters.specs import ComponentSpec, component_specs, dynamic_axes, sample_inputs, tensor_ranges
-from runtime.errors import ExportError
+from runtime.errors import ExportError, format_table
 from runtime.files import atomic_folder, folder_checksums
 from runtime.version import __version__
 
@@ -47,6 +49,9 @@ class ExportOptions:
     # an unfused attention holds batch x heads x tokens^2 scores (SD 2.1 at 1024^2, batch 8
     # under guidance: about 43 GB), so a small machine may check ("min", "opt") and say so.
     check_points: tuple[str, ...] = POINTS
+    precision: str | None = None  # --precision: overrides the profile for every component (see Profile.with_precision)
+    calibration_prompts: str | None = None  # --calibration-prompts FILE
+    int8_target: str = "tensorrt"  # recipe when the profile says recipe = "auto": the build target's
 
     def __post_init__(self):
         bad = [p for p in self.check_points if p not in POINTS] or ([] if self.check_points else ["(none)"])
@@ -64,9 +69,11 @@ def export_key(source: ModelSource, profile: Profile, options: ExportOptions) ->
     import onnx
     import torch
 
+    profile = profile.with_precision(options.precision)
     identity = {
         "weights": source.weights_sha256,
         "profile": profile.to_dict() | {"name": None},
+        "calibration": _calibration_prompts(source, profile, options),
         "options": asdict(options),
         "versions": {"kiln": __version__, "torch": torch.__version__, "onnx": onnx.__version__},
         "format": EXPORT_FORMAT,
@@ -82,11 +89,20 @@ def export_model(source: ModelSource, profile: Profile, out_dir: Path, options: 
 
     out_dir = Path(out_dir)
     key = key or export_key(source, profile, options)
+    profile = profile.with_precision(options.precision)
+    prompts = _calibration_prompts(source, profile, options)  # errors before any work
     log.info("loading %s (%s)", source.source, source.folder)
     pipe = source.load_pipeline()
     specs = component_specs(source.dims)
     components: dict[str, Any] = {}
     with atomic_folder(out_dir) as tmp:
+        pipe.tokenizer.save_pretrained(tmp / "tokenizer")
+        pipe.scheduler.save_pretrained(tmp / "scheduler")
+        calibration = None
+        if prompts:
+            log.info("calibrating int8 on %d prompts x %d steps (PyTorch, %dx%d)", len(prompts),
+                     profile.int8.calibration_steps, profile.height.opt, profile.width.opt)
+            calibration = record_unet_inputs(pipe, prompts, profile, profile.int8.calibration_steps, options.seed)
         for i, name in enumerate(options.components, 1):
             spec = specs[name]
             started = time.perf_counter()
@@ -107,20 +123,24 @@ def export_model(source: ModelSource, profile: Profile, out_dir: Path, options: 
             log.info("[%d/%d] %s: done in %.1f s, max |err| %.3g", i, len(options.components), name, seconds,
                      max(r.max_abs_err for r in rows))
             log.debug("%s parity:\n%s", name, parity_table(rows))
+            precision = profile.precision_of(name)
+            lowered = {}
+            if precision != "fp32":
+                lowered = lower_precision(spec, tmp, profile, precision, options, calibration, ranges,
+                                          pipe.unet.config.get("upcast_attention", False))
             components[name] = {
                 "onnx": f"{name}/model.onnx",
                 "files": folder_checksums(tmp / name),
                 "inputs": [_tensor_entry(t, ranges) for t in spec.inputs],
                 "outputs": [_tensor_entry(t, ranges) for t in spec.outputs],
                 "config": spec.config_of(pipe),
-                "precision": profile.precision_of(name),
+                "precision": precision,
+                **lowered,
                 "tolerance": {"atol": spec.atol, "rtol": spec.rtol},
                 "parity": [r.to_dict() for r in rows],
                 "export_seconds": round(seconds, 2),
                 "reference": f"reference/{name}.npz",
             }
-        pipe.tokenizer.save_pretrained(tmp / "tokenizer")
-        pipe.scheduler.save_pretrained(tmp / "scheduler")
         manifest = {
             "kind": "kiln-export",
             "format_version": EXPORT_FORMAT,
@@ -134,11 +154,96 @@ def export_model(source: ModelSource, profile: Profile, out_dir: Path, options: 
                          "onnx": onnx.__version__},
             "components": components,
         }
+        lowered_names = [n for n, c in components.items() if c["precision"] != "fp32"]
+        if lowered_names and set(TASK_COMPONENTS) <= set(components):
+            manifest["quality"] = _pipeline_quality(tmp, manifest, profile)
+        shutil.rmtree(tmp / FP32_DIR, ignore_errors=True)
         manifest["files"] = {f"{sub}/{rel}": sha for sub in ("tokenizer", "scheduler", "reference")
                              for rel, sha in folder_checksums(tmp / sub).items()}
         (tmp / EXPORT_FILE).write_text(json.dumps(manifest, indent=2, default=_json_default), encoding="utf-8")
     log.info("wrote %s", out_dir)
     return out_dir
+
+
+FP32_DIR = ".fp32"  # fp32 sources of lowered components, kept only while the export runs
+TASK_COMPONENTS = ("text_encoder", "unet", "vae_decoder")
+
+
+def lower_precision(spec: ComponentSpec, tmp: Path, profile: Profile, precision: str, options: ExportOptions,
+                    calibration, ranges, upcast_attention: bool) -> dict[str, Any]:
+    """Replace tmp/<component>/model.onnx (fp32, checked) with its fp16 or int8 graph, measure it
+    against the fp32 graph on held-out inputs and refuse it below the quality gate. The fp32 graph
+    moves to tmp/.fp32/<component>/ for the pipeline comparison."""
+    import onnx
+
+    from exporters import precision as prec
+    from exporters.quality import check_gate, compare_graphs
+
+    name = spec.name
+    fp32_dir = tmp / FP32_DIR / name
+    fp32_dir.parent.mkdir(exist_ok=True)
+    (tmp / name).rename(fp32_dir)
+    (tmp / name).mkdir()
+    fp32_path, out_path = fp32_dir / "model.onnx", tmp / name / "model.onnx"
+    entry: dict[str, Any] = {}
+    if precision == "fp16":
+        log.info("%s: converting to fp16 (kept fp32: ops %s, modules %s, softmax %s)", name,
+                 list(profile.fp16.keep_fp32_ops), list(profile.fp16.keep_fp32_modules), profile.fp16.keep_fp32_softmax)
+        model = prec.convert_fp16(onnx.load(str(fp32_path)), profile.fp16, upcast_attention)
+        prec.check_strongly_typed(model, name)
+        save_onnx(model, out_path, options.external_data_threshold)
+        held_out = [sample_inputs(spec, {t.name: ranges[t.name]["opt"] for t in spec.inputs}, 1000 + k) for k in range(4)]
+        entry["fp16"] = asdict(profile.fp16)
+    else:
+        recipe = profile.int8.recipe if profile.int8.recipe != "auto" else options.int8_target
+        calibrate_on, held_out = _split_calibration(calibration)
+        log.info("%s: quantizing to int8 (%s recipe) from %d recorded inputs; excluded modules %s", name, recipe,
+                 len(calibrate_on), list(profile.int8.exclude_modules))
+        prec.quantize_int8(fp32_path, out_path, calibrate_on, recipe, profile.int8.exclude_modules)
+        if recipe == "tensorrt":
+            model = prec.dedicate_qdq_pairs(onnx.load(str(out_path)))
+            problems = prec.qdq_problems(model)
+            if problems:
+                raise ExportError(f"{name}: the int8 graph breaks TensorRT's Q/DQ rules:\n"
+                                  + format_table(["node", "rule", "found"], problems[:20]))
+            save_onnx(model, out_path, options.external_data_threshold)
+        entry["int8"] = asdict(profile.int8) | {"recipe": recipe, "calibration_inputs": len(calibrate_on)}
+    measured = compare_graphs(fp32_path, out_path, held_out, [t.name for t in spec.outputs])
+    for output, m in measured.items():
+        log.info("%s: %s vs fp32 on %d held-out inputs: %s cosine %.5f, max |err| %.3g", name, precision,
+                 m["samples"], output, m["cosine"], m["max_abs_err"])
+    check_gate(name, precision, measured,
+               "Keep more of it in fp32 ([fp16] keep_fp32_modules / [int8] exclude_modules in the profile)")
+    entry["quality"] = measured
+    return entry
+
+
+def _split_calibration(per_prompt):
+    """Calibrate on all prompts but the last eighth (at least one prompt), which is held out."""
+    held = max(1, len(per_prompt) // 8) if len(per_prompt) > 1 else 0
+    calibrate = [s for p in per_prompt[: len(per_prompt) - held] for s in p]
+    held_out = [s for p in per_prompt[len(per_prompt) - held:] for s in p] or calibrate[-4:]
+    return calibrate, held_out
+
+
+def _pipeline_quality(tmp: Path, export: dict[str, Any], profile: Profile) -> dict[str, Any]:
+    """PSNR of the exported graphs' images against the same pipeline with fp32 graphs."""
+    from exporters.quality import pipeline_psnr
+    from runtime.manifest import manifest_from_dict
+
+    backend = {"name": "onnxruntime", "execution_provider": "CPUExecutionProvider"}
+    comps = {n: {**c, "file": c["onnx"]} for n, c in export["components"].items()}
+    fp32 = {n: {**c, "file": f"{FP32_DIR}/{c['onnx']}" if c["precision"] != "fp32" else c["onnx"]} for n, c in comps.items()}
+    base = {k: v for k, v in export.items() if k != "components"} | {"backend": backend, "files": {}}
+    return {"pipeline": pipeline_psnr(manifest_from_dict(tmp, base | {"components": fp32}),
+                                      manifest_from_dict(tmp, base | {"components": comps}),
+                                      profile.height.opt, profile.width.opt)}
+
+
+def _calibration_prompts(source: ModelSource, profile: Profile, options: ExportOptions) -> list[str]:
+    if not any(profile.precision_of(c) == "int8" for c in options.components):
+        return []
+    return calibration_prompts(profile, source.source.startswith("builtin:"), options.calibration_prompts)
 
 
 def onnx_from_torch(spec: ComponentSpec, module, ranges: dict[str, dict[str, list[int]]], options: ExportOptions):

@@ -55,10 +55,48 @@ def infer_shapes(graph, ctx: PassContext):
 DEFAULT_PASSES: list[Callable] = [cleanup_graph, fold_constants, infer_shapes, cleanup_graph]
 
 
+def name_nodes_by_module(model, ctx: PassContext):
+    """Name every node after the torch module it came from ("time_embedding.linear_1/node_linear"),
+    then drop the exporter's bulky per-node metadata. Runs on the ModelProto, before graphsurgeon
+    (which does not keep metadata); precision policies match these module paths."""
+    import ast
+
+    renamed = 0
+    for node in model.graph.node:
+        meta = {p.key: p.value for p in node.metadata_props}
+        scopes = meta.get("pkg.torch.onnx.name_scopes")
+        if scopes:  # dynamo: ['', 'unet', 'unet.time_embedding', 'unet.time_embedding.linear_1', 'linear']
+            parts = ast.literal_eval(scopes)
+            path = parts[-2] if len(parts) >= 2 else ""
+        else:  # torchscript: '/unet/time_embedding/linear_1/Gemm'
+            path = node.name.rsplit("/", 1)[0].strip("/").replace("/", ".")
+        path = path.split(".", 1)[1] if "." in path else ""  # drop the wrapper's attribute (unet., vae., ...)
+        if path:
+            node.name = f"{path}/{node.name.rsplit('/', 1)[-1]}"
+            renamed += 1
+        del node.metadata_props[:]
+    log.debug("%s: name_nodes_by_module named %d of %d nodes", ctx.component, renamed, len(model.graph.node))
+    return model
+
+
+def module_of(node_name: str) -> str:
+    """The module path a node was named after by name_nodes_by_module ('' when unknown)."""
+    return node_name.rsplit("/", 1)[0] if "/" in node_name else ""
+
+
+def matches_module(node_name: str, patterns) -> bool:
+    """True when the node's module path is, or lies inside, one of the glob patterns."""
+    import fnmatch
+
+    path = module_of(node_name)
+    return bool(path) and any(fnmatch.fnmatchcase(path, p) or fnmatch.fnmatchcase(path, p + ".*") for p in patterns)
+
+
 def run_passes(model, ctx: PassContext, passes: list[Callable] = DEFAULT_PASSES):
     """onnx.ModelProto -> onnx.ModelProto through `passes`."""
     import onnx_graphsurgeon as gs
 
+    model = name_nodes_by_module(model, ctx)
     graph = gs.import_onnx(model)
     for p in passes:
         graph = p(graph, ctx)

@@ -6,16 +6,26 @@ model's own config (opt = native size, min = half, max = double, batch 1-4).
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any, Mapping
 
 from runtime.errors import ProfileError, format_table
 
+from exporters.precision import INT8_RECIPES, Fp16Policy, Int8Policy
+
 COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
-PRECISIONS = ("fp32",)  # fp16 and int8 arrive with the precision passes
-_SECTIONS = {"model": {"source"}, "shapes": {"batch", "height", "width"}, "precision": set(COMPONENTS)}
+PRECISIONS = ("fp32", "fp16", "int8")
+INT8_COMPONENTS = ("unet",)  # calibration records the UNet's inputs only
+_SOFTMAX = ("upcast", "always", "never")
+_SECTIONS = {
+    "model": {"source"},
+    "shapes": {"batch", "height", "width"},
+    "precision": set(COMPONENTS),
+    "fp16": {"keep_fp32_ops", "keep_fp32_modules", "keep_fp32_softmax", "keep_fp32_components"},
+    "int8": {"recipe", "calibration_prompts", "calibration_steps", "exclude_modules"},
+}
 
 
 @dataclass(frozen=True)
@@ -39,9 +49,33 @@ class Profile:
     height: Range
     width: Range
     precision: tuple[tuple[str, str], ...] = field(default=tuple((c, "fp32") for c in COMPONENTS))
+    fp16: Fp16Policy = Fp16Policy()
+    int8: Int8Policy = Int8Policy()
 
     def precision_of(self, component: str) -> str:
         return dict(self.precision)[component]
+
+    def with_precision(self, precision: str | None) -> "Profile":
+        """`--precision X` for every component: fp16 spares the keep-fp32 components; int8 applies
+        to the UNet (the one component calibration covers), the others keep the profile's setting."""
+        if precision is None:
+            return self
+        if precision not in PRECISIONS:
+            raise ProfileError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        chosen = {}
+        for c, current in self.precision:
+            if precision == "int8":
+                chosen[c] = "int8" if c in INT8_COMPONENTS else current
+            elif precision == "fp16" and c in self.fp16.keep_fp32_components:
+                chosen[c] = "fp32"
+            else:
+                chosen[c] = precision
+        return replace(self, precision=tuple(chosen.items()))
+
+    def with_keep_fp32(self) -> "Profile":
+        """Components the fp16 policy keeps whole in fp32 stay fp32 even where [precision] says fp16."""
+        keep = self.fp16.keep_fp32_components
+        return replace(self, precision=tuple((c, "fp32" if p == "fp16" and c in keep else p) for c, p in self.precision))
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -49,6 +83,8 @@ class Profile:
             "model": {"source": self.source},
             "shapes": {"batch": self.batch.as_list(), "height": self.height.as_list(), "width": self.width.as_list()},
             "precision": dict(self.precision),
+            "fp16": asdict(self.fp16),
+            "int8": asdict(self.int8),
         }
 
 
@@ -107,7 +143,17 @@ def profile_from_dict(name: str, data: Mapping[str, Any], origin: str = "profile
             ranges[key] = Range(*value)
     for key, value in precision.items():
         if key in COMPONENTS and value not in PRECISIONS:
-            problems.append((f"precision.{key}", f"one of {list(PRECISIONS)} (fp16/int8 are not implemented yet)", repr(value)))
+            problems.append((f"precision.{key}", f"one of {list(PRECISIONS)}", repr(value)))
+        elif value == "int8" and key not in INT8_COMPONENTS:
+            problems.append((f"precision.{key}", f"fp32 or fp16 (int8 calibration covers {', '.join(INT8_COMPONENTS)})", "int8"))
+    fp16, int8 = _policy(data, "fp16", problems), _policy(data, "int8", problems)
+    if fp16.get("keep_fp32_softmax", "upcast") not in _SOFTMAX:
+        problems.append(("fp16.keep_fp32_softmax", f"one of {list(_SOFTMAX)}", repr(fp16["keep_fp32_softmax"])))
+    if int8.get("recipe", "auto") not in ("auto", *INT8_RECIPES):
+        problems.append(("int8.recipe", f"one of {['auto', *INT8_RECIPES]}", repr(int8["recipe"])))
+    steps = int8.get("calibration_steps", 8)
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        problems.append(("int8.calibration_steps", "a positive integer", repr(steps)))
     if problems:
         raise ProfileError(f"{origin} is invalid:\n" + format_table(["field", "expected", "found"], problems))
     merged = {c: "fp32" for c in COMPONENTS} | {k: v for k, v in precision.items() if k in COMPONENTS}
@@ -118,7 +164,26 @@ def profile_from_dict(name: str, data: Mapping[str, Any], origin: str = "profile
         height=ranges["height"],
         width=ranges["width"],
         precision=tuple(merged.items()),
-    )
+        fp16=Fp16Policy(**{k: tuple(v) if isinstance(v, list) else v for k, v in fp16.items()}),
+        int8=Int8Policy(**{k: tuple(v) if isinstance(v, list) else v for k, v in int8.items()}),
+    ).with_keep_fp32()
+
+
+def _policy(data: Mapping[str, Any], section: str, problems: list) -> dict[str, Any]:
+    """A [fp16]/[int8] table, its list fields checked to be lists of strings."""
+    table = data.get(section, {})
+    if not isinstance(table, Mapping):
+        return {}
+    out = {k: v for k, v in table.items() if k in _SECTIONS[section]}
+    for key, value in out.items():
+        if key.startswith(("keep_fp32_", "exclude_")) and key != "keep_fp32_softmax":
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                problems.append((f"{section}.{key}", "a list of strings", repr(value)))
+    if section == "fp16":
+        unknown = [c for c in out.get("keep_fp32_components", []) if c not in COMPONENTS]
+        if unknown:
+            problems.append(("fp16.keep_fp32_components", f"names from {list(COMPONENTS)}", repr(unknown)))
+    return out
 
 
 def default_profile(name: str, source: str, native_height: int, native_width: int, size_multiple: int) -> Profile:

@@ -100,6 +100,11 @@ def load_manifest(folder: Path | str) -> Manifest:
     missing = [k for k in ("backend", "profile", "dims", "components", "files") if k not in data]
     if missing:
         raise ArtifactError(f"{path} lacks required fields {missing}; the artifact is damaged, rebuild it")
+    return manifest_from_dict(folder, data)
+
+
+def manifest_from_dict(folder: Path, data: Mapping[str, Any]) -> Manifest:
+    """A Manifest over `folder` from manifest data (no file checks)."""
     components = {
         name: ComponentInfo(
             name=name,

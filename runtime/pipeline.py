@@ -42,6 +42,12 @@ def load_pipeline(folder: str | Path, task: str = "text2img", backend: str | Non
         raise ArtifactError(f"{folder} has no {', '.join(missing)} engine, which task {task!r} needs; rebuild with them")
     if verify:
         verify_files(manifest)
+    return pipeline_from_manifest(manifest, task)
+
+
+def pipeline_from_manifest(manifest: Manifest, task: str = "text2img"):
+    """Assemble the pipeline from an already checked manifest (load_pipeline's second half; the
+    exporter also uses it to compare precisions on ONNX files before any artifact exists)."""
     engines = {name: _open_engine(manifest, name) for name in TASKS[task]}
     device = next(iter(engines.values())).device
     comps = manifest.components

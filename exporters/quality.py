@@ -1,0 +1,89 @@
+"""Quality of a lower-precision graph against its fp32 source: per component (max |err|, cosine on
+held-out inputs) and for the whole pipeline (PSNR of final images on fixed prompts and seeds)."""
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from runtime.errors import ToleranceError, format_table
+
+log = logging.getLogger(__name__)
+
+# Minimum cosine similarity against the fp32 graph; below it the component is refused.
+COSINE_GATES = {"fp16": 0.999, "int8": 0.98}
+PSNR_PROMPTS = ("a photograph of an astronaut riding a horse", "a lighthouse on a rocky coast in a storm")
+PSNR_STEPS = 8
+PSNR_SEED = 0
+
+
+def cosine(a, b) -> float:
+    import numpy as np
+
+    a, b = np.asarray(a, dtype=np.float64).ravel(), np.asarray(b, dtype=np.float64).ravel()
+    denom = float(np.linalg.norm(a) * np.linalg.norm(b))
+    return float(a @ b / denom) if denom else (1.0 if not a.any() and not b.any() else 0.0)
+
+
+def psnr(a, b) -> float | None:
+    """PSNR in dB of images in [0, 1]; None when identical."""
+    import numpy as np
+
+    mse = float(np.mean((np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)) ** 2))
+    return None if mse == 0 else 10 * math.log10(1.0 / mse)
+
+
+def compare_graphs(reference: Path, candidate: Path, samples: Sequence[Mapping[str, Any]], outputs: Sequence[str]) -> dict:
+    """Run both graphs on ONNX Runtime (CPU) over `samples`; max |err| and cosine per output."""
+    import numpy as np
+    import onnxruntime as ort
+
+    ref = ort.InferenceSession(str(reference), providers=["CPUExecutionProvider"])
+    cand = ort.InferenceSession(str(candidate), providers=["CPUExecutionProvider"])
+    got: dict[str, list] = {o: [] for o in outputs}
+    want: dict[str, list] = {o: [] for o in outputs}
+    for sample in samples:
+        for o, a, b in zip(outputs, ref.run(list(outputs), dict(sample)), cand.run(list(outputs), dict(sample))):
+            want[o].append(a)
+            got[o].append(b)
+    result = {}
+    for o in outputs:
+        a, b = np.concatenate([x.ravel() for x in want[o]]), np.concatenate([x.ravel() for x in got[o]])
+        result[o] = {"max_abs_err": float(np.max(np.abs(a - b))), "cosine": cosine(a, b), "samples": len(samples)}
+    return result
+
+
+def check_gate(component: str, precision: str, measured: Mapping[str, Mapping[str, float]], hint: str) -> None:
+    gate = COSINE_GATES[precision]
+    failing = [(o, m["cosine"], gate) for o, m in measured.items() if not m["cosine"] >= gate]
+    if failing:
+        raise ToleranceError(
+            f"{component}: {precision} loses too much against fp32:\n"
+            + format_table(["output", "cosine", "required"], failing) + f"\n{hint}"
+        )
+
+
+def pipeline_psnr(fp32_manifest, candidate_manifest, height: int, width: int) -> dict:
+    """PSNR of final images, candidate engines against fp32 engines, same prompts and seeds."""
+    import numpy as np
+    import torch
+
+    from runtime.pipeline import pipeline_from_manifest
+
+    images = []
+    for manifest in (fp32_manifest, candidate_manifest):
+        pipe = pipeline_from_manifest(manifest)
+        pipe.set_progress_bar_config(disable=True)
+        images.append(np.concatenate([
+            pipe(p, height=height, width=width, num_inference_steps=PSNR_STEPS,
+                 generator=torch.Generator().manual_seed(PSNR_SEED + i), output_type="np").images
+            for i, p in enumerate(PSNR_PROMPTS)
+        ]))
+    per_image = [psnr(a, b) for a, b in zip(*images)]
+    finite = [v for v in per_image if v is not None]
+    result = {"psnr_db": min(finite) if finite else None, "per_image_psnr_db": per_image,
+              "prompts": list(PSNR_PROMPTS), "steps": PSNR_STEPS, "seed": PSNR_SEED, "size": [height, width]}
+    log.info("pipeline PSNR against fp32 engines: %s dB (worst of %d images)",
+             "identical" if result["psnr_db"] is None else f"{result['psnr_db']:.1f}", len(per_image))
+    return result
