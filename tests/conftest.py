@@ -53,3 +53,36 @@ def copy_artifact(src: Path, dst: Path) -> Path:
 
     shutil.copytree(src, dst)
     return dst
+
+
+PIPELINE = ("text_encoder", "unet", "vae_decoder")  # what text-to-image needs; skips the VAE encoder's export
+
+
+@pytest.fixture(scope="session")
+def tiny_fp16_export(tmp_path_factory) -> Path:
+    """tiny with every component converted to fp16 (the graphs TensorRT would build)."""
+    from exporters.export import ExportOptions, export_model
+    from exporters.source import resolve_model
+
+    source, profile = resolve_model("tiny")
+    options = ExportOptions(precision="fp16", components=PIPELINE)
+    return export_model(source, profile, tmp_path_factory.mktemp("export") / "tiny-fp16", options)
+
+
+@pytest.fixture(scope="session")
+def tiny_fp16_artifact(tiny_fp16_export, tmp_path_factory) -> Path:
+    """The fp16 export built for ONNX Runtime CPU."""
+    from engines.build import build_from_export
+
+    return build_from_export(tiny_fp16_export, tmp_path_factory.mktemp("artifacts") / "tiny-fp16").folder
+
+
+@pytest.fixture(scope="session")
+def tiny_int8_export(tmp_path_factory) -> Path:
+    """tiny's UNet calibrated and quantized with the TensorRT recipe (portable `kiln export`)."""
+    from exporters.export import ExportOptions, export_model
+    from exporters.source import resolve_model
+
+    source, profile = resolve_model("tiny")
+    options = ExportOptions(precision="int8", int8_target="tensorrt", components=PIPELINE)
+    return export_model(source, profile, tmp_path_factory.mktemp("export") / "tiny-int8", options)
