@@ -74,11 +74,22 @@ def export_key(source: ModelSource, profile: Profile, options: ExportOptions) ->
         "weights": source.weights_sha256,
         "profile": profile.to_dict() | {"name": None},
         "calibration": _calibration_prompts(source, profile, options),
-        "options": asdict(options),
+        "options": _identity_options(profile, options),
         "versions": {"kiln": __version__, "torch": torch.__version__, "onnx": onnx.__version__},
         "format": EXPORT_FORMAT,
     }
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
+def _identity_options(profile: Profile, options: ExportOptions) -> dict[str, Any]:
+    """The options that change what an export writes: precision is in the resolved profile and the
+    prompts' text in "calibration"; the int8 target matters only where something is int8."""
+    identity = asdict(options)
+    for key in ("precision", "calibration_prompts"):
+        identity.pop(key)
+    if not any(profile.precision_of(c) == "int8" for c in options.components):
+        identity.pop("int8_target")
+    return identity
 
 
 def export_model(source: ModelSource, profile: Profile, out_dir: Path, options: ExportOptions = ExportOptions(),

@@ -119,3 +119,19 @@ def test_check_points_are_recorded_and_buildable(tmp_path):
     build_from_export(out, tmp_path / "art")  # engine parity still runs, on the opt-shape reference
     report = json.loads((tmp_path / "art" / "report.json").read_text())
     assert report["engine_parity"]["text_encoder"][0]["ok"]
+
+
+def test_export_key_follows_what_changes_the_output(tmp_path):
+    from exporters.export import export_key
+
+    source, profile = resolve_model("tiny")
+    base = export_key(source, profile, ExportOptions())
+    assert export_key(source, profile, ExportOptions(int8_target="ort-cpu")) == base  # nothing is int8
+    assert export_key(source, profile, ExportOptions(precision="fp16")) != base
+    int8 = export_key(source, profile, ExportOptions(precision="int8"))
+    assert int8 != export_key(source, profile, ExportOptions(precision="int8", int8_target="ort-cpu"))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\na dog\n")
+    first = export_key(source, profile, ExportOptions(precision="int8", calibration_prompts=str(prompts)))
+    prompts.write_text("a cat\na bird\n")
+    assert export_key(source, profile, ExportOptions(precision="int8", calibration_prompts=str(prompts))) != first
