@@ -208,17 +208,27 @@ def lower_precision(spec: ComponentSpec, tmp: Path, profile: Profile, precision:
     else:
         recipe = profile.int8.recipe if profile.int8.recipe != "auto" else options.int8_target
         calibrate_on, held_out = _split_calibration(calibration)
-        log.info("%s: quantizing to int8 (%s recipe) from %d recorded inputs; excluded modules %s", name, recipe,
-                 len(calibrate_on), list(profile.int8.exclude_modules))
-        prec.quantize_int8(fp32_path, out_path, calibrate_on, recipe, profile.int8.exclude_modules)
+        # GPU targets mix int8 with fp16: quantizing the fp16 graph gives fp16 scales, so Q/DQ sit
+        # directly on fp16 tensors. On CPU fp16 only costs time, so ort-cpu quantizes the fp32 graph.
+        base = "fp16" if recipe == "tensorrt" else "fp32"
+        source_path = fp32_path
+        if base == "fp16":
+            source_path = fp32_dir / "model.fp16.onnx"
+            model = prec.convert_fp16(onnx.load(str(fp32_path)), profile.fp16, upcast_attention)
+            save_onnx(model, source_path, options.external_data_threshold)
+            del model
+        log.info("%s: quantizing to int8 (%s recipe, over %s) from %d recorded inputs; excluded modules %s", name,
+                 recipe, base, len(calibrate_on), list(profile.int8.exclude_modules))
+        prec.quantize_int8(source_path, out_path, calibrate_on, recipe, profile.int8.exclude_modules)
         if recipe == "tensorrt":
             model = prec.dedicate_qdq_pairs(onnx.load(str(out_path)))
             problems = prec.qdq_problems(model)
             if problems:
                 raise ExportError(f"{name}: the int8 graph breaks TensorRT's Q/DQ rules:\n"
                                   + format_table(["node", "rule", "found"], problems[:20]))
+            prec.check_strongly_typed(model, name)
             save_onnx(model, out_path, options.external_data_threshold)
-        entry["int8"] = asdict(profile.int8) | {"recipe": recipe, "calibration_inputs": len(calibrate_on)}
+        entry["int8"] = asdict(profile.int8) | {"recipe": recipe, "base": base, "calibration_inputs": len(calibrate_on)}
     measured = compare_graphs(fp32_path, out_path, held_out, [t.name for t in spec.outputs])
     for output, m in measured.items():
         log.info("%s: %s vs fp32 on %d held-out inputs: %s cosine %.5f, max |err| %.3g", name, precision,

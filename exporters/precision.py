@@ -112,6 +112,7 @@ class RecordedInputs:
 
 def quantize_int8(fp32_path: Path, out_path: Path, samples: list[Mapping], recipe: str, exclude_modules) -> None:
     """Static Q/DQ int8 of Conv, Gemm and weight MatMuls from recorded inputs (MinMax calibration).
+    The graph may be fp32 or fp16; scales take the graph's type.
 
     tensorrt: symmetric int8 activations and weights, zero points 0, per-channel weights, no bias
     quantization, one Q/DQ pair per consumer. ort-cpu: asymmetric uint8 activations with symmetric
@@ -203,13 +204,17 @@ def _root_logger_quiet():
     """onnxruntime.quantization logs through the root logger (logging.warning), which installs a
     root handler on first use and then echoes every library's records; give root a NullHandler
     for the duration instead."""
+    import onnxruntime as ort
+
     root = logging.getLogger()
     handler = None if root.handlers else logging.NullHandler()
     if handler:
         root.addHandler(handler)
+    ort.set_default_logger_severity(3)  # calibration sessions warn about every fp16 node CPU cannot fold
     try:
         yield
     finally:
+        ort.set_default_logger_severity(2)
         if handler:
             root.removeHandler(handler)
 

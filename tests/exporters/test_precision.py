@@ -106,6 +106,10 @@ def test_int8_graph_meets_tensorrt_qdq_rules(tiny_int8_export):
             weight_dqs += 1
     assert weight_dqs > 10
     assert qdq_problems(model) == []
+    # for GPU targets int8 mixes with fp16: scales are fp16, so Q/DQ sit on fp16 tensors without Casts
+    scales = {inits[n.input[1]].data_type for n in qs + dqs}
+    assert scales == {FLOAT16}
+    assert mixed_type_problems(model) == []
 
 
 def test_qdq_checker_catches_the_cpu_recipe(tiny_int8_export, tmp_path):
@@ -125,7 +129,7 @@ def test_qdq_checker_catches_the_cpu_recipe(tiny_int8_export, tmp_path):
 def test_int8_unet_quality(tiny_int8_export, tiny_export):
     export = read_export(tiny_int8_export)
     unet = export["components"]["unet"]
-    assert unet["precision"] == "int8" and unet["int8"]["recipe"] == "tensorrt"
+    assert unet["precision"] == "int8" and unet["int8"]["recipe"] == "tensorrt" and unet["int8"]["base"] == "fp16"
     assert unet["quality"]["model_output"]["cosine"] >= INT8_MIN_COSINE
     assert export["components"]["text_encoder"]["precision"] == "fp32"
     # independently of the export's own held-out set: fresh inputs through both graphs
