@@ -65,19 +65,30 @@ class _StderrHandler(logging.StreamHandler):
         pass
 
 
+def _export_options(command):
+    """The options that shape an export, shared by `kiln export` and `kiln build MODEL`."""
+    options = [
+        click.option("--profile", "profile", type=click.Path(exists=True, dir_okay=False),
+                     help="Profile TOML with the shape ranges."),
+        click.option("--exporter", type=click.Choice(["dynamo", "torchscript"]), default="dynamo", show_default=True),
+        click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default=None,
+                     help="Every component at this precision (default: the profile's; int8 applies to the UNet)."),
+        click.option("--calibration-prompts", type=click.Path(exists=True, dir_okay=False),
+                     help="int8: prompt file, one per line (overrides the profile's)."),
+        click.option("--check", "check", default="min,opt,max", show_default=True,
+                     help="Profile points to compare with PyTorch; 'max' of a large model needs much memory."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 @cli.command()
 @click.argument("model")
 @click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Export folder to write.")
-@click.option("--profile", "profile", type=click.Path(exists=True, dir_okay=False), help="Profile TOML with the shape ranges.")
-@click.option("--exporter", type=click.Choice(["dynamo", "torchscript"]), default="dynamo", show_default=True)
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default=None,
-              help="Every component at this precision (default: the profile's; int8 applies to the UNet).")
-@click.option("--calibration-prompts", type=click.Path(exists=True, dir_okay=False),
-              help="int8: prompt file, one per line (overrides the profile's).")
+@_export_options
 @click.option("--int8-recipe", type=click.Choice(["tensorrt", "ort-cpu"]), default="tensorrt", show_default=True,
               help="int8 recipe when the profile says auto: TensorRT's (symmetric) or ONNX Runtime CPU's (U8S8).")
-@click.option("--check", "check", default="min,opt,max", show_default=True,
-              help="Profile points to compare with PyTorch; 'max' of a large model needs much memory.")
 def export(model: str, out: Path, profile: str | None, exporter: str, precision, calibration_prompts, int8_recipe,
            check: str):
     """Export MODEL's components to checked ONNX graphs in OUT (portable: build engines anywhere from it)."""
@@ -97,14 +108,7 @@ def export(model: str, out: Path, profile: str | None, exporter: str, precision,
 @click.option("--backend", type=click.Choice(["onnxruntime"]), default="onnxruntime", show_default=True)
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
               help="Execution provider for onnxruntime (cuda needs onnxruntime-gpu).")
-@click.option("--profile", "profile", type=click.Path(exists=True, dir_okay=False), help="Profile TOML with the shape ranges.")
-@click.option("--exporter", type=click.Choice(["dynamo", "torchscript"]), default="dynamo", show_default=True)
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default=None,
-              help="Every component at this precision (default: the profile's; int8 applies to the UNet).")
-@click.option("--calibration-prompts", type=click.Path(exists=True, dir_okay=False),
-              help="int8: prompt file, one per line (overrides the profile's).")
-@click.option("--check", "check", default="min,opt,max", show_default=True,
-              help="Profile points to compare with PyTorch when exporting MODEL.")
+@_export_options
 @click.option("--force", is_flag=True, help="Rebuild even when the inputs are unchanged.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def build(model: str, out: Path, backend: str, device: str, profile: str | None, exporter: str, precision,

@@ -134,3 +134,13 @@ def test_bad_input_exits_2_with_one_message(tmp_path, monkeypatch, args, message
     assert "\nerror: " in "\n" + r.output and message in r.output.split("error: ", 1)[1]
     assert "Traceback" not in r.output
     assert not (tmp_path / "o").exists()
+
+
+def test_inspect_shows_quality(tiny_fp16_artifact, tiny_fp16_export, tmp_path):
+    r = CliRunner().invoke(cli, ["inspect", str(tiny_fp16_artifact)])
+    assert r.exit_code == 0
+    assert "cos vs fp32" in r.output and "images vs fp32 engines: PSNR" in r.output
+    unet_row = next(line for line in r.output.splitlines() if line.startswith("unet "))
+    assert " fp16 " in unet_row
+    r = CliRunner().invoke(cli, ["build", str(tiny_fp16_export), "--out", str(tmp_path / "x"), "--precision", "int8"])
+    assert r.exit_code == 2 and "apply when exporting" in r.output
