@@ -62,8 +62,9 @@ def engine_from_onnx(onnx_path: Path, out_path: Path, target: OrtTarget, precisi
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
     options.optimized_model_filepath = str(out_path)
-    weights = sum(p.stat().st_size for p in onnx_path.parent.glob("*.data"))
-    if weights > _EXTERNAL_BYTES:
+    # A source with external data must get external data of its own name: left alone, onnxruntime
+    # writes references to the source's "model.onnx.data", which is not in the artifact.
+    if any(onnx_path.parent.glob(f"{onnx_path.name}*.data")) or onnx_path.stat().st_size > _EXTERNAL_BYTES:
         options.add_session_config_entry("session.optimized_model_external_initializers_file_name", f"{out_path.name}.data")
         options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
     try:

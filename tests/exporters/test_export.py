@@ -55,6 +55,13 @@ def test_large_graphs_use_external_data(tmp_path):
     assert set(read_export(out)["components"]["text_encoder"]["files"]) == {"model.onnx", "model.onnx.data"}
     ids = np.zeros((1, 77), dtype=np.int32)
     assert ort.InferenceSession(str(onnx_path)).run(None, {"input_ids": ids})[0].shape == (1, 77, 32)
+    # the engine built from it carries external data of its own name, listed in the manifest
+    from engines.build import build_from_export
+
+    art = build_from_export(out, tmp_path / "art").folder
+    manifest = json.loads((art / "manifest.json").read_text())
+    assert manifest["components"]["text_encoder"]["files"] == ["text_encoder.onnx", "text_encoder.onnx.data"]
+    assert "text_encoder.onnx.data" in manifest["files"] and not (art / "model.onnx.data").exists()
 
 
 def test_mismatch_raises_tolerance_error_with_a_table(tiny_export):
