@@ -7,7 +7,6 @@ through the same code path as any local diffusers folder.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil

@@ -12,9 +12,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import shutil
 import sys
-import logging
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -23,11 +23,13 @@ from typing import Any
 
 from exporters.calibrate import calibration_prompts, record_unet_inputs
 from exporters.check import POINTS, check_against_torch, parity_table
+from exporters.lowering import FP32_DIR, TASK_COMPONENTS, lower_precision, pipeline_quality
+from exporters.onnx_io import EXTERNAL_DATA_THRESHOLD, save_onnx
 from exporters.passes import PassContext, run_passes
 from exporters.profile import COMPONENTS, Profile
 from exporters.source import ModelSource
 from exporters.specs import ComponentSpec, component_specs, dynamic_axes, sample_inputs, tensor_ranges
-from runtime.errors import ExportError, format_table
+from runtime.errors import ExportError
 from runtime.files import atomic_folder, folder_checksums
 from runtime.version import __version__
 
@@ -35,7 +37,6 @@ log = logging.getLogger(__name__)
 
 EXPORT_FORMAT = 1
 EXPORT_FILE = "export.json"
-EXTERNAL_DATA_THRESHOLD = 2**31 - 2**20  # protobuf's 2 GB limit, less some room for the graph
 
 
 @dataclass(frozen=True)
@@ -137,8 +138,10 @@ def export_model(source: ModelSource, profile: Profile, out_dir: Path, options: 
             precision = profile.precision_of(name)
             lowered = {}
             if precision != "fp32":
-                lowered = lower_precision(spec, tmp, profile, precision, options, calibration, ranges,
-                                          pipe.unet.config.get("upcast_attention", False))
+                lowered = lower_precision(spec, tmp, profile, precision, calibration, ranges,
+                                          upcast_attention=pipe.unet.config.get("upcast_attention", False),
+                                          int8_target=options.int8_target,
+                                          external_data_threshold=options.external_data_threshold)
             components[name] = {
                 "onnx": f"{name}/model.onnx",
                 "files": folder_checksums(tmp / name),
@@ -167,98 +170,13 @@ def export_model(source: ModelSource, profile: Profile, out_dir: Path, options: 
         }
         lowered_names = [n for n, c in components.items() if c["precision"] != "fp32"]
         if lowered_names and set(TASK_COMPONENTS) <= set(components):
-            manifest["quality"] = _pipeline_quality(tmp, manifest, profile)
+            manifest["quality"] = pipeline_quality(tmp, manifest, profile)
         shutil.rmtree(tmp / FP32_DIR, ignore_errors=True)
         manifest["files"] = {f"{sub}/{rel}": sha for sub in ("tokenizer", "scheduler", "reference")
                              for rel, sha in folder_checksums(tmp / sub).items()}
         (tmp / EXPORT_FILE).write_text(json.dumps(manifest, indent=2, default=_json_default), encoding="utf-8")
     log.info("wrote %s", out_dir)
     return out_dir
-
-
-FP32_DIR = ".fp32"  # fp32 sources of lowered components, kept only while the export runs
-TASK_COMPONENTS = ("text_encoder", "unet", "vae_decoder")
-
-
-def lower_precision(spec: ComponentSpec, tmp: Path, profile: Profile, precision: str, options: ExportOptions,
-                    calibration, ranges, upcast_attention: bool) -> dict[str, Any]:
-    """Replace tmp/<component>/model.onnx (fp32, checked) with its fp16 or int8 graph, measure it
-    against the fp32 graph on held-out inputs and refuse it below the quality gate. The fp32 graph
-    moves to tmp/.fp32/<component>/ for the pipeline comparison."""
-    import onnx
-
-    from exporters import precision as prec
-    from exporters.quality import check_gate, compare_graphs
-
-    name = spec.name
-    fp32_dir = tmp / FP32_DIR / name
-    fp32_dir.parent.mkdir(exist_ok=True)
-    (tmp / name).rename(fp32_dir)
-    (tmp / name).mkdir()
-    fp32_path, out_path = fp32_dir / "model.onnx", tmp / name / "model.onnx"
-    entry: dict[str, Any] = {}
-    if precision == "fp16":
-        log.info("%s: converting to fp16 (kept fp32: ops %s, modules %s, softmax %s)", name,
-                 list(profile.fp16.keep_fp32_ops), list(profile.fp16.keep_fp32_modules), profile.fp16.keep_fp32_softmax)
-        model = prec.convert_fp16(onnx.load(str(fp32_path)), profile.fp16, upcast_attention)
-        prec.check_strongly_typed(model, name)
-        save_onnx(model, out_path, options.external_data_threshold)
-        held_out = [sample_inputs(spec, {t.name: ranges[t.name]["opt"] for t in spec.inputs}, 1000 + k) for k in range(4)]
-        entry["fp16"] = asdict(profile.fp16)
-    else:
-        recipe = profile.int8.recipe if profile.int8.recipe != "auto" else options.int8_target
-        calibrate_on, held_out = _split_calibration(calibration)
-        # GPU targets mix int8 with fp16: quantizing the fp16 graph gives fp16 scales, so Q/DQ sit
-        # directly on fp16 tensors. On CPU fp16 only costs time, so ort-cpu quantizes the fp32 graph.
-        base = "fp16" if recipe == "tensorrt" else "fp32"
-        source_path = fp32_path
-        if base == "fp16":
-            source_path = fp32_dir / "model.fp16.onnx"
-            model = prec.convert_fp16(onnx.load(str(fp32_path)), profile.fp16, upcast_attention)
-            save_onnx(model, source_path, options.external_data_threshold)
-            del model
-        log.info("%s: quantizing to int8 (%s recipe, over %s) from %d recorded inputs; excluded modules %s", name,
-                 recipe, base, len(calibrate_on), list(profile.int8.exclude_modules))
-        prec.quantize_int8(source_path, out_path, calibrate_on, recipe, profile.int8.exclude_modules)
-        if recipe == "tensorrt":
-            model = prec.dedicate_qdq_pairs(onnx.load(str(out_path)))
-            problems = prec.qdq_problems(model)
-            if problems:
-                raise ExportError(f"{name}: the int8 graph breaks TensorRT's Q/DQ rules:\n"
-                                  + format_table(["node", "rule", "found"], problems[:20]))
-            prec.check_strongly_typed(model, name)
-            save_onnx(model, out_path, options.external_data_threshold)
-        entry["int8"] = asdict(profile.int8) | {"recipe": recipe, "base": base, "calibration_inputs": len(calibrate_on)}
-    measured = compare_graphs(fp32_path, out_path, held_out, [t.name for t in spec.outputs])
-    for output, m in measured.items():
-        log.info("%s: %s vs fp32 on %d held-out inputs: %s cosine %.5f, max |err| %.3g", name, precision,
-                 m["samples"], output, m["cosine"], m["max_abs_err"])
-    check_gate(name, precision, measured,
-               "Keep more of it in fp32 ([fp16] keep_fp32_modules / [int8] exclude_modules in the profile)")
-    entry["quality"] = measured
-    return entry
-
-
-def _split_calibration(per_prompt):
-    """Calibrate on all prompts but the last eighth (at least one prompt), which is held out."""
-    held = max(1, len(per_prompt) // 8) if len(per_prompt) > 1 else 0
-    calibrate = [s for p in per_prompt[: len(per_prompt) - held] for s in p]
-    held_out = [s for p in per_prompt[len(per_prompt) - held:] for s in p] or calibrate[-4:]
-    return calibrate, held_out
-
-
-def _pipeline_quality(tmp: Path, export: dict[str, Any], profile: Profile) -> dict[str, Any]:
-    """PSNR of the exported graphs' images against the same pipeline with fp32 graphs."""
-    from exporters.quality import pipeline_psnr
-    from runtime.manifest import manifest_from_dict
-
-    backend = {"name": "onnxruntime", "execution_provider": "CPUExecutionProvider"}
-    comps = {n: {**c, "file": c["onnx"]} for n, c in export["components"].items()}
-    fp32 = {n: {**c, "file": f"{FP32_DIR}/{c['onnx']}" if c["precision"] != "fp32" else c["onnx"]} for n, c in comps.items()}
-    base = {k: v for k, v in export.items() if k != "components"} | {"backend": backend, "files": {}}
-    return {"pipeline": pipeline_psnr(manifest_from_dict(tmp, base | {"components": fp32}),
-                                      manifest_from_dict(tmp, base | {"components": comps}),
-                                      profile.height.opt, profile.width.opt)}
 
 
 def _calibration_prompts(source: ModelSource, profile: Profile, options: ExportOptions) -> list[str]:
@@ -301,18 +219,6 @@ def onnx_from_torch(spec: ComponentSpec, module, ranges: dict[str, dict[str, lis
                 f"Try --exporter {'torchscript' if options.exporter == 'dynamo' else 'dynamo'}"
             ) from exc
         return onnx.load(str(path))
-
-
-def save_onnx(model, path: Path, external_data_threshold: int) -> None:
-    """Save `model`; weights go to `<name>.data` beside it when they exceed the threshold."""
-    import onnx
-
-    weight_bytes = sum(len(t.raw_data) for t in model.graph.initializer)
-    if weight_bytes > external_data_threshold:
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=f"{path.name}.data", size_threshold=1024)
-    else:
-        onnx.save_model(model, str(path))
 
 
 def read_export(folder: Path) -> dict[str, Any]:
