@@ -36,8 +36,8 @@ def check_precision(target: OrtTarget, component: str, precision: str) -> None:
     if precision not in allowed:
         raise BuildError(
             f"{component} is {precision}, which the onnxruntime backend on {target.provider} cannot build "
-            f"(it builds {', '.join(allowed)}). Build {precision} with --device cpu (or the TensorRT backend "
-            f"on NVIDIA GPUs), or re-export with --precision {allowed[-1]}"
+            f"(it builds {', '.join(allowed)}). Build {precision} with --device cpu, "
+            f"or re-export with --precision {allowed[-1]}"
         )
 
 
