@@ -31,6 +31,13 @@ class ParityRow:
                 "max_abs_err": self.max_abs_err, "tolerance": self.tolerance, "ok": self.ok}
 
 
+def tolerance(atol: float, rtol: float, reference) -> float:
+    """Allowed max |err| against a reference output: atol + rtol * max|reference|."""
+    import numpy as np
+
+    return atol + rtol * float(np.max(np.abs(reference)))
+
+
 def compare_outputs(spec: ComponentSpec, point: str, got: dict[str, Any], ref: dict[str, Any]) -> list[ParityRow]:
     """Max abs error of each output against atol + rtol * max|reference|."""
     import numpy as np
@@ -46,7 +53,7 @@ def compare_outputs(spec: ComponentSpec, point: str, got: dict[str, Any], ref: d
         err = float(np.max(np.abs(actual - expected))) if expected.size else 0.0
         if not np.isfinite(actual).all():
             err = float("inf")
-        tol = spec.atol + spec.rtol * float(np.max(np.abs(expected)))
+        tol = tolerance(spec.atol, spec.rtol, expected)
         rows.append(ParityRow(point, t.name, expected.shape, err, tol))
     return rows
 

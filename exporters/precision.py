@@ -16,7 +16,7 @@ log = logging.getLogger(__name__)
 
 FLOAT_TYPES = {1: "float32", 10: "float16", 11: "float64", 16: "bfloat16"}
 # Inputs that the ONNX spec types independently of the data (e.g. Resize's scales are always float32).
-_INDEPENDENT_INPUTS = {"Resize": {1, 2, 3}, "LayerNormalization": set(), "Cast": {0}, "Shape": {0},
+_INDEPENDENT_INPUTS = {"Resize": {1, 2, 3}, "Cast": {0}, "Shape": {0},
                        "QuantizeLinear": {1}, "DequantizeLinear": {0, 1, 2}, "ConstantOfShape": {0}}
 INT8_RECIPES = ("tensorrt", "ort-cpu")
 

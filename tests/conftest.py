@@ -48,13 +48,6 @@ def artifacts(tiny_artifact, sd15_artifact) -> dict[str, Path]:
     return {"tiny": tiny_artifact, "tiny-sd15": sd15_artifact}
 
 
-def copy_artifact(src: Path, dst: Path) -> Path:
-    import shutil
-
-    shutil.copytree(src, dst)
-    return dst
-
-
 PIPELINE = ("text_encoder", "unet", "vae_decoder")  # what text-to-image needs; skips the VAE encoder's export
 
 
