@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 MODEL ?= tiny
+BACKEND ?= auto
 OUT ?= artifacts/$(MODEL)
 PROMPT ?= a photograph of an astronaut riding a horse
 TORCH_VERSION ?= 2.13.0
@@ -31,7 +32,7 @@ endif
 	touch $(STAMP)
 
 engines: $(INSTALL)
-	$(KILN) build $(MODEL) --out $(OUT)
+	$(KILN) build $(MODEL) --out $(OUT) --backend $(BACKEND)
 	$(KILN) generate $(OUT) "$(PROMPT)" --steps 20 --seed 0 -o $(OUT)/sample.png
 	$(KILN) inspect $(OUT)
 

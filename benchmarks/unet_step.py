@@ -1,4 +1,4 @@
-"""CPU time of one UNet step per artifact (e.g. fp32 vs fp16 vs int8 builds of one model).
+"""Time of one UNet step per artifact (e.g. fp32 vs fp16 vs int8 builds of one model).
 
     python benchmarks/unet_step.py ARTIFACT [ARTIFACT ...] [--runs 30] [--batch 2] [--size 128]
 
@@ -14,7 +14,7 @@ import time
 import torch
 
 from runtime.manifest import load_manifest
-from runtime.pipeline import _open_engine
+from runtime.pipeline import open_engines
 
 
 def main() -> None:
@@ -27,7 +27,7 @@ def main() -> None:
     engines, labels = [], []
     for folder in args.artifacts:
         manifest = load_manifest(folder)
-        engines.append(_open_engine(manifest, "unet"))
+        engines.append(open_engines(manifest, ["unet"])["unet"])
         unet = manifest.data["components"]["unet"]
         labels.append(f"{folder} [{unet['precision']}{'/' + unet['int8']['recipe'] if 'int8' in unet else ''}]")
     info = engines[0].info
@@ -39,13 +39,16 @@ def main() -> None:
         "timestep": torch.full((args.batch,), 500.0),
         "encoder_hidden_states": torch.randn(args.batch, *info.inputs[2].dims[1:], generator=g),
     }
+    per_engine = [{n: x.to(e.device) for n, x in inputs.items()} for e in engines]  # no copies in the timing
     times: list[list[float]] = [[] for _ in engines]
-    for engine in engines:  # warm-up
-        engine(**inputs)
+    for engine, x in zip(engines, per_engine):  # warm-up (and CUDA graph capture)
+        engine(**x)
     for _ in range(args.runs):
         for k, engine in enumerate(engines):
             start = time.perf_counter()
-            engine(**inputs)
+            engine(**per_engine[k])
+            if engine.device.type == "cuda":
+                torch.cuda.synchronize(engine.device)
             times[k].append(time.perf_counter() - start)
     base = statistics.median(times[0])
     print(f"UNet step, batch {args.batch}, {size}x{size}, {args.runs} runs each, alternating")

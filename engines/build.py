@@ -8,12 +8,14 @@ import logging
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from engines import ort_backend
+from engines import ort_backend, trt_backend
+from engines.select import BACKENDS, choose_backend
+from engines.trt_backend import TrtOptions
 from runtime.errors import ArtifactError, BuildError, ToleranceError, format_table
 from runtime.files import atomic_folder, file_sha256
 from runtime.manifest import FORMAT_VERSION, MANIFEST_FILE, REPORT_FILE, file_entries, load_manifest, verify_files
@@ -21,18 +23,36 @@ from runtime.version import __version__
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("onnxruntime",)
+ENGINE_SUFFIX = {"onnxruntime": ".onnx", "tensorrt": ".plan"}
 
 
 @dataclass(frozen=True)
 class BuildOptions:
-    backend: str = "onnxruntime"
-    device: str = "cpu"
+    """backend: "auto" (TensorRT on a GPU when it imports, else ONNX Runtime), "onnxruntime" or
+    "tensorrt"; device: None (the backend's natural one), "cpu" or "cuda" (onnxruntime's
+    execution provider); tensorrt: how TensorRT builds (ignored by onnxruntime)."""
+
+    backend: str = "auto"
+    device: str | None = None
     force: bool = False
+    tensorrt: TrtOptions = TrtOptions()
+    timing_cache_dir: Path | None = None  # default: $KILN_CACHE_DIR/tensorrt
 
     def __post_init__(self):
-        if self.backend not in BACKENDS:
-            raise BuildError(f"unknown backend {self.backend!r}; available backends: {', '.join(BACKENDS)}")
+        if self.backend not in ("auto", *BACKENDS):
+            raise BuildError(f"unknown backend {self.backend!r}; choose auto, {', '.join(BACKENDS)}")
+        if self.device not in (None, "cpu", "cuda"):
+            raise BuildError(f"device must be cpu or cuda, got {self.device!r}")
+
+
+def resolve_options(options: BuildOptions) -> BuildOptions:
+    """`options` with "auto" and an unset device made concrete; says what was picked and why."""
+    if options.backend != "auto" and options.device is not None:
+        return options
+    choice = choose_backend(options.backend, options.device)
+    if options.backend == "auto":
+        log.info("backend: %s on %s (%s)", choice.backend, choice.device, choice.reason)
+    return replace(options, backend=choice.backend, device=choice.device)
 
 
 @dataclass(frozen=True)
@@ -43,12 +63,25 @@ class BuildResult:
 
 
 def backend_identity(options: BuildOptions) -> dict[str, Any]:
+    """What engines built with `options` (resolved) depend on: the build key's and manifest's record."""
+    if options.backend == "tensorrt":
+        return trt_backend.identity(options.tensorrt)
     return ort_backend.identity(ort_backend.OrtTarget(options.device))
 
 
 def int8_target(options: BuildOptions) -> str:
     """The int8 recipe that suits the build target: U8S8 for ONNX Runtime on CPU, else TensorRT's."""
+    options = resolve_options(options)
     return "ort-cpu" if options.backend == "onnxruntime" and options.device == "cpu" else "tensorrt"
+
+
+def check_precisions(options: BuildOptions, components: dict) -> None:
+    """Refuse, before any work, a component precision the target cannot build."""
+    for name, entry in components.items():
+        if options.backend == "tensorrt":
+            trt_backend.check_precision(name, entry["precision"], entry)
+        else:
+            ort_backend.check_precision(ort_backend.OrtTarget(options.device), name, entry["precision"])
 
 
 def build_key(export_key: str, backend: dict[str, Any]) -> str:
@@ -75,6 +108,7 @@ def build_from_model(model: str, out_dir: Path, options: BuildOptions = BuildOpt
     from exporters.export import ExportOptions, export_key, export_model
     from exporters.source import resolve_model
 
+    options = resolve_options(options)
     export_options = export_options or ExportOptions(int8_target=int8_target(options))
     out_dir = Path(out_dir)
     source, profile = resolve_model(model, profile_path)
@@ -95,9 +129,8 @@ def build_from_export(export_dir: Path, out_dir: Path, options: BuildOptions = B
 
     export_dir, out_dir = Path(export_dir), Path(out_dir)
     export = read_export(export_dir)
-    target = ort_backend.OrtTarget(options.device)
-    for name, entry in export["components"].items():
-        ort_backend.check_precision(target, name, entry["precision"])
+    options = resolve_options(options)
+    check_precisions(options, export["components"])
     backend = backend_identity(options)
     key = build_key(export["export_key"], backend)
     if not options.force and up_to_date(out_dir, key):
@@ -110,13 +143,16 @@ def build_from_export(export_dir: Path, out_dir: Path, options: BuildOptions = B
         for i, name in enumerate(names, 1):
             entry = export["components"][name]
             started = time.perf_counter()
-            log.info("[%d/%d] %s: building %s engine (%s)", i, len(names), name, options.backend, backend["execution_provider"])
-            engine_file = f"{name}.onnx"
-            files = ort_backend.engine_from_onnx(export_dir / entry["onnx"], tmp / engine_file, target, entry["precision"])
+            log.info("[%d/%d] %s: building %s %s engine (%s)", i, len(names), name, entry["precision"], options.backend,
+                     backend.get("execution_provider") or backend.get("gpu"))
+            engine_file = f"{name}{ENGINE_SUFFIX[options.backend]}"
+            files = _engine_from_onnx(export_dir / entry["onnx"], tmp / engine_file, entry, options, backend)
+            refit_onnx = _carry_refit_weights(export_dir, entry, tmp, name) if backend.get("strip_plan") else None
             seconds = time.perf_counter() - started
             components[name] = {
                 "file": engine_file,
-                "files": [p.name for p in files],
+                "files": [p.relative_to(tmp).as_posix() for p in files],
+                **({"refit_onnx": refit_onnx} if refit_onnx else {}),
                 "precision": entry["precision"],
                 **({"int8": entry["int8"]} if "int8" in entry else {}),
                 **({"fp16": entry["fp16"]} if "fp16" in entry else {}),
@@ -160,18 +196,48 @@ def build_from_export(export_dir: Path, out_dir: Path, options: BuildOptions = B
     return BuildResult(out_dir, False, key)
 
 
+def _engine_from_onnx(onnx: Path, out: Path, entry: dict, options: BuildOptions, backend: dict) -> list[Path]:
+    if options.backend == "tensorrt":
+        return trt_backend.engine_from_onnx(onnx, out, entry["inputs"], options.tensorrt, backend, options.timing_cache_dir)
+    return ort_backend.engine_from_onnx(onnx, out, ort_backend.OrtTarget(options.device), entry["precision"])
+
+
+def _carry_refit_weights(export_dir: Path, entry: dict, folder: Path, name: str) -> str:
+    """A stripped plan has no weights: ship the component's ONNX (and its external data) so the
+    runtime can refit them at load. Returns the graph's path in the artifact."""
+    src = (export_dir / entry["onnx"]).parent
+    dst = folder / "weights" / name
+    dst.mkdir(parents=True)
+    for f in entry["files"]:
+        if f.startswith("model.onnx"):  # the graph and its external data
+            shutil.copy2(src / f, dst / f)
+    return (dst / "model.onnx").relative_to(folder).as_posix()
+
+
+def _open_engine(folder: Path, name: str, component: dict, entry: dict, backend: dict):
+    """The engine just built, opened by the runtime's own loader for that backend."""
+    from runtime.manifest import ComponentInfo, TensorInfo
+
+    info = ComponentInfo(name, component["file"], component["precision"],
+                         tuple(TensorInfo.from_dict(t) for t in entry["inputs"]),
+                         tuple(TensorInfo.from_dict(t) for t in entry["outputs"]), entry["config"])
+    if backend["name"] == "tensorrt":
+        from runtime.trt_engine import load_engines
+
+        refit = {name: component["refit_onnx"]} if "refit_onnx" in component else None
+        return load_engines(folder, backend, {name: info}, cuda_graphs=False, refit_onnx=refit)[name]
+    from runtime.ort_engine import OrtEngine
+
+    return OrtEngine(folder / component["file"], info, provider=backend["execution_provider"])
+
+
 def _engine_parity(folder: Path, name: str, component: dict, reference: Path, entry: dict, backend: dict) -> list[dict]:
     """Run the new engine on the export's opt-shape reference inputs against PyTorch's outputs."""
     import numpy as np
     import torch
 
-    from runtime.manifest import ComponentInfo, TensorInfo
-    from runtime.ort_engine import OrtEngine
-
-    info = ComponentInfo(name, component["file"], component["precision"],
-                         tuple(TensorInfo.from_dict(t) for t in entry["inputs"]),
-                         tuple(TensorInfo.from_dict(t) for t in entry["outputs"]), entry["config"])
-    engine = OrtEngine(folder / component["file"], info, provider=backend["execution_provider"])
+    engine = _open_engine(folder, name, component, entry, backend)
+    info = engine.info
     data = np.load(reference)
     out = engine(**{t.name: torch.from_numpy(data[t.name]) for t in info.inputs})
     from exporters.check import tolerance

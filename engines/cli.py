@@ -102,21 +102,51 @@ def export(model: str, out: Path, profile: str | None, exporter: str, precision,
     click.echo(f"exported {model} to {out}")
 
 
+def _tensorrt_options(command):
+    """TensorRT build settings (ignored by onnxruntime)."""
+    options = [
+        click.option("--workspace-gib", type=click.FloatRange(min=0, min_open=True), default=None,
+                     help="TensorRT: cap on the builder's tactic scratch (default: TensorRT's, the whole GPU)."),
+        click.option("--opt-level", "optimization_level", type=click.IntRange(0, 5), default=3, show_default=True,
+                     help="TensorRT: builder optimization level; higher builds longer for faster engines."),
+        click.option("--hardware-compat", type=click.Choice(["none", "same-compute-capability", "ampere-plus"]),
+                     default="none", show_default=True,
+                     help="TensorRT: which GPUs the engines may run on besides this GPU's architecture."),
+        click.option("--tf32", is_flag=True, help="TensorRT: allow TF32 math in fp32 layers (off: fp32 matches PyTorch)."),
+        click.option("--refit", type=click.Choice(["off", "refit", "identical"]), default="off", show_default=True,
+                     help="TensorRT: refittable engines (swap weights without a rebuild)."),
+        click.option("--strip-plan", is_flag=True,
+                     help="TensorRT: plans without weights; the artifact carries the ONNX weights, refit at load."),
+        click.option("--weight-streaming", is_flag=True,
+                     help="TensorRT: engines that can stream weights from host memory under a budget set at load."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 @cli.command()
 @click.argument("model")
 @click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Artifact folder to write.")
-@click.option("--backend", type=click.Choice(["onnxruntime"]), default="onnxruntime", show_default=True)
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
-              help="Execution provider for onnxruntime (cuda needs onnxruntime-gpu).")
+@click.option("--backend", type=click.Choice(["auto", "onnxruntime", "tensorrt"]), default="auto", show_default=True,
+              help="auto: TensorRT when it imports and a CUDA GPU exists, else onnxruntime (CUDA, then CPU).")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None,
+              help="onnxruntime execution provider (cuda needs onnxruntime-gpu); default: what the backend choice found.")
 @_export_options
+@_tensorrt_options
 @click.option("--force", is_flag=True, help="Rebuild even when the inputs are unchanged.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def build(model: str, out: Path, backend: str, device: str, profile: str | None, exporter: str, precision,
-          calibration_prompts, check: str, force: bool, as_json: bool):
+def build(model: str, out: Path, backend: str, device, profile: str | None, exporter: str, precision,
+          calibration_prompts, check: str, workspace_gib, optimization_level, hardware_compat, tf32, refit, strip_plan,
+          weight_streaming, force: bool, as_json: bool):
     """Build engines for MODEL (or a folder made by `kiln export`) into the artifact folder OUT."""
-    from engines.build import BuildOptions, build_from_export, build_from_model, int8_target
+    from engines.build import BuildOptions, build_from_export, build_from_model, int8_target, resolve_options
+    from engines.trt_backend import TrtOptions
 
-    options = BuildOptions(backend=backend, device=device, force=force)
+    trt_options = TrtOptions(workspace_gib=workspace_gib, optimization_level=optimization_level,
+                             hardware_compat=hardware_compat, tf32=tf32, refit=refit, strip_plan=strip_plan,
+                             weight_streaming=weight_streaming)
+    options = resolve_options(BuildOptions(backend=backend, device=device, force=force, tensorrt=trt_options))
     started = time.perf_counter()
     if (Path(model) / "export.json").is_file():
         if profile or precision or calibration_prompts:
@@ -132,11 +162,11 @@ def build(model: str, out: Path, backend: str, device: str, profile: str | None,
     seconds = time.perf_counter() - started
     if as_json:
         click.echo(json.dumps({"folder": str(result.folder), "skipped": result.skipped, "build_key": result.build_key,
-                               "seconds": round(seconds, 2)}))
+                               "backend": options.backend, "device": options.device, "seconds": round(seconds, 2)}))
     elif result.skipped:
         click.echo(f"{out} is up to date; skipped (build key {result.build_key[:12]}). Use --force to rebuild")
     else:
-        click.echo(f"built {out} in {seconds:.1f} s")
+        click.echo(f"built {out} ({options.backend}, {options.device}) in {seconds:.1f} s")
 
 
 @cli.command()
@@ -158,7 +188,8 @@ def inspect(folder: Path, as_json: bool):
         ("model", d["model"]["source"]),
         ("pipeline", d["model"]["pipeline_class"]),
         ("weights sha256", d["model"]["weights_sha256"][:16]),
-        ("backend", f"{b['name']} {b['version']} ({b.get('execution_provider', '-')})"),
+        ("backend", f"{b['name']} {b['version']} ({b.get('execution_provider') or b.get('gpu', '-')})"),
+        *_tensorrt_rows(b),
         ("batch", "min {} / opt {} / max {}".format(*shapes["batch"])),
         ("height", "min {} / opt {} / max {} (multiple of {})".format(*shapes["height"], manifest.size_multiple)),
         ("width", "min {} / opt {} / max {}".format(*shapes["width"])),
@@ -189,6 +220,20 @@ def inspect(folder: Path, as_json: bool):
                    f"{pipeline['steps']} steps, {pipeline['size'][0]}x{pipeline['size'][1]})")
 
 
+def _tensorrt_rows(b: dict) -> list[tuple[str, str]]:
+    if b.get("name") != "tensorrt":
+        return []
+    cc = ".".join(map(str, b["compute_capability"]))
+    flags = [f for f in ("tf32", "strip_plan", "weight_streaming") if b.get(f)] + ([f"refit={b['refit']}"] if b.get("refit", "off") != "off" else [])
+    workspace = "TensorRT default" if b.get("workspace_bytes") is None else f"{b['workspace_bytes'] / 2**30:.1f} GiB"
+    return [
+        ("GPU", f"{b['gpu']} (compute capability {cc})"),
+        ("hardware compat", b.get("hardware_compatibility_level", "none")),
+        ("TensorRT build", f"opt level {b.get('builder_optimization_level')}, workspace {workspace}, "
+                           f"flags: {', '.join(flags) or 'none'}"),
+    ]
+
+
 def _points(text: str) -> tuple[str, ...]:
     return tuple(p.strip() for p in text.split(",") if p.strip())
 
@@ -210,10 +255,13 @@ def _dims(shape) -> str:
 @click.option("--scheduler", default=None, help="ddim, pndm, euler, euler-a, dpm++2m, dpm++2m-karras, unipc, lms, or a diffusers class name.")
 @click.option("--init-image", type=click.Path(exists=True, dir_okay=False), help="Image for img2img (sets the size).")
 @click.option("--strength", default=0.75, show_default=True, type=click.FloatRange(0, 1), help="img2img strength.")
+@click.option("--no-cuda-graphs", is_flag=True, help="TensorRT: enqueue every step instead of replaying CUDA graphs.")
+@click.option("--weight-streaming-budget", default=None,
+              help="TensorRT: bytes of weights kept on the GPU per engine (e.g. 2e9), or 'auto'.")
 @click.option("-o", "--output", default="out.png", show_default=True, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print what was written as JSON.")
 def generate(folder: Path, prompt: str, negative_prompt, steps, guidance_scale, seed, height, width, num_images,
-             scheduler, init_image, strength, output: Path, as_json: bool):
+             scheduler, init_image, strength, no_cuda_graphs, weight_streaming_budget, output: Path, as_json: bool):
     """Generate an image from PROMPT with the engines in FOLDER."""
     import torch
 
@@ -221,7 +269,14 @@ def generate(folder: Path, prompt: str, negative_prompt, steps, guidance_scale, 
     from runtime.schedulers import scheduler_from_name
 
     started = time.perf_counter()
-    pipe = load_pipeline(folder, task="img2img" if init_image else "text2img")
+    budget = weight_streaming_budget
+    if budget not in (None, "auto"):
+        try:
+            budget = int(float(budget))
+        except ValueError:
+            raise click.BadParameter(f"expected bytes (e.g. 2e9) or 'auto', got {budget!r}", param_hint="--weight-streaming-budget")
+    pipe = load_pipeline(folder, task="img2img" if init_image else "text2img", cuda_graphs=not no_cuda_graphs,
+                         weight_streaming_budget=budget)
     if scheduler:
         pipe.scheduler = scheduler_from_name(scheduler, pipe.scheduler.config)
     args = dict(prompt=prompt, negative_prompt=negative_prompt, num_inference_steps=steps, guidance_scale=guidance_scale,

@@ -6,10 +6,10 @@ from runtime.version import __version__
 __all__ = ["load_pipeline", "KilnError", "ArtifactError", "ShapeError", "__version__"]
 
 
-def load_pipeline(folder, task: str = "text2img", backend: str | None = None, verify: bool = True):
+def load_pipeline(folder, task: str = "text2img", backend: str | None = None, verify: bool = True, **engine_options):
     from runtime.pipeline import load_pipeline as _load
 
-    return _load(folder, task=task, backend=backend, verify=verify)
+    return _load(folder, task=task, backend=backend, verify=verify, **engine_options)
 
 
 load_pipeline.__doc__ = "Load an artifact folder as a diffusers pipeline; see runtime.pipeline.load_pipeline."

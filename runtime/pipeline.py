@@ -22,12 +22,17 @@ log = logging.getLogger(__name__)
 TASKS = {"text2img": ("text_encoder", "unet", "vae_decoder"), "img2img": ("text_encoder", "unet", "vae_decoder", "vae_encoder")}
 
 
-def load_pipeline(folder: str | Path, task: str = "text2img", backend: str | None = None, verify: bool = True):
+def load_pipeline(folder: str | Path, task: str = "text2img", backend: str | None = None, verify: bool = True,
+                  cuda_graphs: bool = True, weight_streaming_budget=None):
     """Load an artifact folder as a pipeline called exactly like diffusers' StableDiffusionPipeline
     (task="text2img") or StableDiffusionImg2ImgPipeline (task="img2img").
 
     Checks the manifest format, every file's checksum (verify=True) and the backend before any engine
-    is created; each call is checked against the manifest's shape ranges before anything runs."""
+    is created; each call is checked against the manifest's shape ranges before anything runs.
+
+    TensorRT artifacts only: `cuda_graphs` captures each engine's enqueue per input shape and
+    replays it; `weight_streaming_budget` (bytes, "auto", or {component: either}) keeps only that
+    much of an engine's weights on the GPU (engines built with --weight-streaming)."""
     if task not in TASKS:
         raise ArtifactError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
     manifest = load_manifest(folder)
@@ -42,13 +47,13 @@ def load_pipeline(folder: str | Path, task: str = "text2img", backend: str | Non
         raise ArtifactError(f"{folder} has no {', '.join(missing)} engine, which task {task!r} needs; rebuild with them")
     if verify:
         verify_files(manifest)
-    return pipeline_from_manifest(manifest, task)
+    return pipeline_from_manifest(manifest, task, cuda_graphs=cuda_graphs, weight_streaming_budget=weight_streaming_budget)
 
 
-def pipeline_from_manifest(manifest: Manifest, task: str = "text2img"):
+def pipeline_from_manifest(manifest: Manifest, task: str = "text2img", **engine_options):
     """Assemble the pipeline from an already checked manifest (load_pipeline's second half; the
     exporter also uses it to compare precisions on ONNX files before any artifact exists)."""
-    engines = {name: _open_engine(manifest, name) for name in TASKS[task]}
+    engines = open_engines(manifest, TASKS[task], **engine_options)
     device = next(iter(engines.values())).device
     comps = manifest.components
     cls = EngineImg2ImgPipeline if task == "img2img" else EnginePipeline
@@ -66,13 +71,23 @@ def pipeline_from_manifest(manifest: Manifest, task: str = "text2img"):
     return pipe
 
 
-def _open_engine(manifest: Manifest, name: str):
-    info = manifest.components[name]
+def open_engines(manifest: Manifest, names, cuda_graphs: bool = True, weight_streaming_budget=None) -> dict:
+    """The named components' engines on the manifest's backend."""
     backend = manifest.backend
     if backend["name"] == "onnxruntime":
-        return OrtEngine(manifest.folder / info.file, info, provider=backend["execution_provider"])
+        if weight_streaming_budget is not None:
+            raise ArtifactError("weight_streaming_budget applies to TensorRT engines; this artifact holds onnxruntime engines")
+        return {n: OrtEngine(manifest.folder / manifest.components[n].file, manifest.components[n],
+                             provider=backend["execution_provider"]) for n in names}
+    if backend["name"] == "tensorrt":
+        from runtime.trt_engine import load_engines
+
+        raw = manifest.data["components"]
+        return load_engines(manifest.folder, backend, {n: manifest.components[n] for n in names}, cuda_graphs=cuda_graphs,
+                            weight_streaming_budget=weight_streaming_budget,
+                            refit_onnx={n: raw[n]["refit_onnx"] for n in names if "refit_onnx" in raw[n]})
     raise ArtifactError(
-        f"{manifest.folder}: backend {backend['name']!r} is not one this runtime can load (onnxruntime); "
+        f"{manifest.folder}: backend {backend['name']!r} is not one this runtime can load (onnxruntime, tensorrt); "
         "upgrade kiln or rebuild the artifact"
     )
 

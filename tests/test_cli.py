@@ -87,8 +87,9 @@ def test_generate_inspect_and_build_skip(tiny_artifact, tiny_export, tmp_path):
     data = json.loads(r.stdout)
     assert data["manifest"]["format_version"] == 1 and "engine_parity" in data["report"]
 
-    r = runner.invoke(cli, ["build", str(tiny_export), "--out", str(tiny_artifact), "--json"])
-    assert r.exit_code == 0 and json.loads(r.stdout)["skipped"] is True
+    r = runner.invoke(cli, ["build", str(tiny_export), "--out", str(tiny_artifact), "--backend", "onnxruntime", "--json"])
+    result = json.loads(r.stdout)
+    assert r.exit_code == 0 and result["skipped"] is True and (result["backend"], result["device"]) == ("onnxruntime", "cpu")
 
     r = runner.invoke(cli, ["generate", str(tiny_artifact), "x", "--scheduler", "nope"])
     assert r.exit_code == 2 and "unknown scheduler 'nope'" in r.output
@@ -104,7 +105,7 @@ def test_make_engines(tiny_artifact, tmp_path):
     """`make engines` on an up-to-date artifact: skips the build, generates the proof image, inspects."""
     out = shutil.copytree(tiny_artifact, tmp_path / "tiny")
     kiln = f"{sys.executable} -m engines.cli"
-    r = subprocess.run(["make", "engines", "INSTALL=", f"KILN={kiln}", f"OUT={out}"], cwd=ROOT, capture_output=True,
+    r = subprocess.run(["make", "engines", "INSTALL=", f"KILN={kiln}", f"OUT={out}", "BACKEND=onnxruntime"], cwd=ROOT, capture_output=True,
                        text=True, timeout=600, env=os.environ)
     assert r.returncode == 0, r.stderr
     assert "is up to date; skipped" in r.stdout

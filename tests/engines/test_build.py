@@ -12,13 +12,16 @@ from engines.build import BuildOptions, build_from_export, build_from_model
 from runtime.errors import BuildError
 from runtime.manifest import load_manifest
 
+CPU = BuildOptions(backend="onnxruntime", device="cpu")  # the suite builds for this machine, whatever it has
+FORCE = BuildOptions(backend="onnxruntime", device="cpu", force=True)
+
 
 def test_rebuild_with_unchanged_inputs_is_skipped(tiny_export, tiny_artifact, caplog, monkeypatch):
     before = (tiny_artifact / "manifest.json").read_bytes()
     # a skip reads export.json only; hashing every graph of the export is for builds
     monkeypatch.setattr(build_mod, "_verify_export", lambda *a: (_ for _ in ()).throw(AssertionError("hashed")))
     with caplog.at_level("INFO"):
-        result = build_from_export(tiny_export, tiny_artifact)
+        result = build_from_export(tiny_export, tiny_artifact, CPU)
     assert result.skipped
     assert "is up to date" in caplog.text
     assert (tiny_artifact / "manifest.json").read_bytes() == before
@@ -27,7 +30,7 @@ def test_rebuild_with_unchanged_inputs_is_skipped(tiny_export, tiny_artifact, ca
 def test_changed_artifact_is_rebuilt(tiny_export, tiny_artifact, tmp_path):
     folder = shutil.copytree(tiny_artifact, tmp_path / "a")
     (folder / "unet.onnx").write_bytes(b"damaged")
-    result = build_from_export(tiny_export, folder)
+    result = build_from_export(tiny_export, folder, CPU)
     assert not result.skipped
     assert load_manifest(folder).data["build_key"] == result.build_key
     assert (folder / "unet.onnx").stat().st_size > 1000
@@ -35,7 +38,7 @@ def test_changed_artifact_is_rebuilt(tiny_export, tiny_artifact, tmp_path):
 
 def test_force_rebuilds(tiny_export, tiny_artifact, tmp_path):
     folder = shutil.copytree(tiny_artifact, tmp_path / "a")
-    assert not build_from_export(tiny_export, folder, BuildOptions(force=True)).skipped
+    assert not build_from_export(tiny_export, folder, FORCE).skipped
 
 
 def test_model_build_skips_before_exporting(sd15_artifact, monkeypatch):
@@ -45,7 +48,7 @@ def test_model_build_skips_before_exporting(sd15_artifact, monkeypatch):
         raise AssertionError("an up-to-date artifact must not be exported again")
 
     monkeypatch.setattr(exporters.export, "export_model", no_export)
-    assert build_from_model("tiny-sd15", sd15_artifact).skipped
+    assert build_from_model("tiny-sd15", sd15_artifact, CPU).skipped
 
 
 def test_interrupted_build_leaves_nothing(tiny_export, tmp_path, monkeypatch):
@@ -60,7 +63,7 @@ def test_interrupted_build_leaves_nothing(tiny_export, tmp_path, monkeypatch):
 
     monkeypatch.setattr(ort_backend, "engine_from_onnx", interrupt_second)
     with pytest.raises(KeyboardInterrupt):
-        build_from_export(tiny_export, tmp_path / "out")
+        build_from_export(tiny_export, tmp_path / "out", CPU)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -69,7 +72,7 @@ def test_failed_rebuild_keeps_the_old_artifact(tiny_export, tiny_artifact, tmp_p
     before = sorted(p.name for p in folder.iterdir())
     monkeypatch.setattr(ort_backend, "engine_from_onnx", lambda *a, **k: (_ for _ in ()).throw(BuildError("boom")))
     with pytest.raises(BuildError, match="boom"):
-        build_from_export(tiny_export, folder, BuildOptions(force=True))
+        build_from_export(tiny_export, folder, FORCE)
     assert sorted(p.name for p in folder.iterdir()) == before
     assert [p.name for p in tmp_path.iterdir()] == ["a"]
 
@@ -78,19 +81,21 @@ def test_altered_export_is_refused(tiny_export, tmp_path):
     export = shutil.copytree(tiny_export, tmp_path / "exp")
     (export / "unet" / "model.onnx").write_bytes(b"not onnx")
     with pytest.raises(BuildError, match=r"incomplete or altered[\s\S]*unet/model.onnx"):
-        build_from_export(export, tmp_path / "out")
+        build_from_export(export, tmp_path / "out", CPU)
     assert not (tmp_path / "out").exists()
 
 
 def test_unknown_backend_and_device():
     import onnxruntime
 
-    with pytest.raises(BuildError, match="unknown backend 'tensorrt'; available backends: onnxruntime"):
-        BuildOptions(backend="tensorrt")
+    with pytest.raises(BuildError, match="unknown backend 'openvino'; choose auto, onnxruntime, tensorrt"):
+        BuildOptions(backend="openvino")
+    with pytest.raises(BuildError, match="device must be cpu or cuda, got 'rocm'"):
+        BuildOptions(device="rocm")
     if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
         pytest.skip("onnxruntime-gpu is installed here; the missing-provider error cannot be provoked")
     with pytest.raises(BuildError, match="no CUDAExecutionProvider"):
-        build_mod.backend_identity(BuildOptions(device="cuda"))
+        build_mod.backend_identity(BuildOptions(backend="onnxruntime", device="cuda"))
 
 
 def test_report_records_parity(tiny_artifact):

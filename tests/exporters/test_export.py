@@ -56,9 +56,9 @@ def test_large_graphs_use_external_data(tmp_path):
     ids = np.zeros((1, 77), dtype=np.int32)
     assert ort.InferenceSession(str(onnx_path)).run(None, {"input_ids": ids})[0].shape == (1, 77, 32)
     # the engine built from it carries external data of its own name, listed in the manifest
-    from engines.build import build_from_export
+    from engines.build import BuildOptions, build_from_export
 
-    art = build_from_export(out, tmp_path / "art").folder
+    art = build_from_export(out, tmp_path / "art", BuildOptions(backend="onnxruntime", device="cpu")).folder
     manifest = json.loads((art / "manifest.json").read_text())
     assert manifest["components"]["text_encoder"]["files"] == ["text_encoder.onnx", "text_encoder.onnx.data"]
     assert "text_encoder.onnx.data" in manifest["files"] and not (art / "model.onnx.data").exists()
@@ -115,7 +115,7 @@ def test_interrupted_export_leaves_nothing(tmp_path, monkeypatch):
 
 
 def test_check_points_are_recorded_and_buildable(tmp_path):
-    from engines.build import build_from_export
+    from engines.build import BuildOptions, build_from_export
 
     source, profile = resolve_model("tiny")
     out = export_model(source, profile, tmp_path / "exp",
@@ -123,7 +123,7 @@ def test_check_points_are_recorded_and_buildable(tmp_path):
     entry = read_export(out)["components"]["text_encoder"]
     assert [r["point"] for r in entry["parity"]] == ["min"]
     assert (out / entry["reference"]).is_file()
-    build_from_export(out, tmp_path / "art")  # engine parity still runs, on the opt-shape reference
+    build_from_export(out, tmp_path / "art", BuildOptions(backend="onnxruntime", device="cpu"))  # engine parity still runs, on the opt-shape reference
     report = json.loads((tmp_path / "art" / "report.json").read_text())
     assert report["engine_parity"]["text_encoder"][0]["ok"]
 

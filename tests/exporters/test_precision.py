@@ -144,7 +144,7 @@ def test_int8_unet_quality(tiny_int8_export, tiny_export):
 
 
 def test_int8_artifact_records_precision_and_recipe(tiny_int8_export, tmp_path):
-    folder = build_from_export(tiny_int8_export, tmp_path / "art").folder
+    folder = build_from_export(tiny_int8_export, tmp_path / "art", BuildOptions(backend="onnxruntime", device="cpu")).folder
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["components"]["unet"]["precision"] == "int8"
     assert manifest["components"]["unet"]["int8"]["recipe"] == "tensorrt"
@@ -160,7 +160,7 @@ def test_int8_artifact_records_precision_and_recipe(tiny_int8_export, tmp_path):
 
 def test_precision_the_backend_cannot_build(tiny_int8_export, tmp_path):
     with pytest.raises(BuildError, match=r"unet is int8, which the onnxruntime backend on CUDAExecutionProvider cannot build"):
-        build_from_export(tiny_int8_export, tmp_path / "art", BuildOptions(device="cuda"))
+        build_from_export(tiny_int8_export, tmp_path / "art", BuildOptions(backend="onnxruntime", device="cuda"))
     assert not (tmp_path / "art").exists()
 
 
