@@ -14,7 +14,7 @@ INSTALL ?= $(STAMP)
 KILN ?= $(if $(INSTALL),$(BIN)/kiln,kiln)
 HAS_NVIDIA := $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
 
-.PHONY: install engines test clean
+.PHONY: install install-tensorrt engines test test-gpu clean
 
 install: $(STAMP)
 
@@ -31,6 +31,13 @@ endif
 	$(BIN)/pip install --quiet -e ".[test]"
 	touch $(STAMP)
 
+# TensorRT 11 from NVIDIA's index, for the CUDA major version torch was built with (GPU machines only).
+install-tensorrt: $(STAMP)
+	cuda=$$($(BIN)/python -c "import torch; print((torch.version.cuda or '').split('.')[0])"); \
+	test -n "$$cuda" || { echo "torch here is a CPU build; TensorRT needs a CUDA build of torch"; exit 2; }; \
+	extra=$$(test "$$cuda" = 13 && echo tensorrt-cu13 || echo tensorrt); \
+	$(BIN)/pip install --quiet -e ".[test,$$extra]" --extra-index-url https://pypi.nvidia.com
+
 engines: $(INSTALL)
 	$(KILN) build $(MODEL) --out $(OUT) --backend $(BACKEND)
 	$(KILN) generate $(OUT) "$(PROMPT)" --steps 20 --seed 0 -o $(OUT)/sample.png
@@ -38,6 +45,10 @@ engines: $(INSTALL)
 
 test: $(INSTALL)
 	$(if $(INSTALL),$(BIN)/,)pytest -q
+
+# The TensorRT tests on a GPU machine (after `make install-tensorrt`); elsewhere they skip, saying why.
+test-gpu: $(INSTALL)
+	$(if $(INSTALL),$(BIN)/,)pytest -q -rs -m gpu
 
 clean:
 	rm -rf artifacts exports .pytest_cache

@@ -182,6 +182,7 @@ class TrtEngine:
         self.scratch = scratch
         self.context.set_device_memory(scratch.data_ptr(), engine.device_memory_size_v2)
         self._states: OrderedDict[tuple, _ShapeState] = OrderedDict()
+        self._bound: tuple | None = None  # the shapes the context was last set up and enqueued for
 
     def _check_io(self) -> None:
         """The engine's I/O must be the manifest's, name for name and dtype for dtype."""
@@ -198,26 +199,32 @@ class TrtEngine:
         import torch
 
         shapes = {t.name: tuple(inputs[t.name].shape) for t in self.info.inputs}
-        state = self._state(shapes)
+        key = tuple(sorted(shapes.items()))
+        state = self._state(key, shapes)
         stream = _current_stream(self.device)
         if self.cuda_graphs and not state.graph_failed:
             for t in self.info.inputs:
                 state.inputs[t.name].copy_(inputs[t.name], non_blocking=True)
             if state.graph is None:
                 self._capture(state, stream)
+            elif self._bound != key:
+                # The context was set up for other shapes since this graph was captured, and TensorRT
+                # keeps shape-dependent state in the context: one plain enqueue at these shapes first.
+                self._bind(state, state.inputs)
+                self._execute(stream)
             else:
                 state.graph.replay()
         else:
             bound = {t.name: inputs[t.name].to(self.device, getattr(torch, t.dtype)).contiguous() for t in self.info.inputs}
             self._bind(state, bound)
             self._execute(stream)
+        self._bound = key
         state.runs += 1
         return state.outputs
 
-    def _state(self, shapes: dict[str, tuple[int, ...]]) -> _ShapeState:
+    def _state(self, key: tuple, shapes: dict[str, tuple[int, ...]]) -> _ShapeState:
         import torch
 
-        key = tuple(sorted(shapes.items()))
         if key in self._states:
             self._states.move_to_end(key)
             return self._states[key]
@@ -275,6 +282,7 @@ class TrtEngine:
         torch.cuda.synchronize(self.device)
         refit_from_onnx(self.engine, Path(onnx_path))
         self._states.clear()
+        self._bound = None
 
 
 def set_weight_streaming(engine, name: str, budget) -> None:

@@ -17,6 +17,28 @@ def cpu_build_options():
     return BuildOptions(backend="onnxruntime", device="cpu")
 
 
+def _gpu_unavailable() -> str | None:
+    """Why the `gpu` tests cannot run here, or None when they can."""
+    try:
+        import tensorrt  # noqa: F401
+    except Exception as exc:  # ImportError, or OSError from a libraries wheel that did not install
+        return (f"tensorrt does not import ({type(exc).__name__}: {exc}); install it with "
+                "pip install 'kiln[tensorrt]' --extra-index-url https://pypi.nvidia.com")
+    import torch
+
+    if not torch.cuda.is_available():
+        return f"torch {torch.__version__} sees no CUDA GPU"
+    return None
+
+
+def pytest_collection_modifyitems(config, items):
+    gpu_items = [item for item in items if "gpu" in item.keywords]
+    reason = _gpu_unavailable() if gpu_items else None
+    if reason:
+        for item in gpu_items:
+            item.add_marker(pytest.mark.skip(reason=f"gpu test: {reason}"))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def kiln_cache(tmp_path_factory) -> Path:
     """Built-in models are cached under a session folder unless KILN_CACHE_DIR is set (CI sets it)."""
