@@ -14,7 +14,7 @@ INSTALL ?= $(STAMP)
 KILN ?= $(if $(INSTALL),$(BIN)/kiln,kiln)
 HAS_NVIDIA := $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
 
-.PHONY: install install-tensorrt engines test test-gpu clean
+.PHONY: install install-tensorrt engines bench test test-gpu clean
 
 install: $(STAMP)
 
@@ -42,6 +42,14 @@ engines: $(INSTALL)
 	$(KILN) build $(MODEL) --out $(OUT) --backend $(BACKEND)
 	$(KILN) generate $(OUT) "$(PROMPT)" --steps 20 --seed 0 -o $(OUT)/sample.png
 	$(KILN) inspect $(OUT)
+
+# kiln against diffusers' PyTorch pipeline on `small` (35M-parameter UNet, 256x256), then the scheduler sweep.
+BENCH_MODEL ?= small
+BENCH_OUT ?= artifacts/$(BENCH_MODEL)
+bench: $(INSTALL)
+	$(KILN) build $(BENCH_MODEL) --out $(BENCH_OUT) --backend $(BACKEND)
+	$(KILN) bench $(BENCH_OUT) --batch 1,2,4 --steps 20 --runs 3 --plot $(BENCH_OUT)/bench.png --save $(BENCH_OUT)/bench.json
+	$(KILN) bench $(BENCH_OUT) --schedulers --plot $(BENCH_OUT)/schedulers.png --save $(BENCH_OUT)/schedulers.json
 
 test: $(INSTALL)
 	$(if $(INSTALL),$(BIN)/,)pytest -q

@@ -305,6 +305,52 @@ def generate(folder: Path, prompt: str, negative_prompt, steps, guidance_scale, 
                    f"{seconds:.1f} s)")
 
 
+@cli.command()
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.option("--baseline", type=click.Choice(["torch", "torch-compile", "none"]), default="torch", show_default=True,
+              help="diffusers' PyTorch pipeline on the same weights, eager or with torch.compile on the UNet.")
+@click.option("--batch", "batches", default="1", show_default=True, help="Batch sizes, comma-separated (e.g. 1,2,4).")
+@click.option("--steps", default=20, show_default=True, type=click.IntRange(1, 1000))
+@click.option("--runs", default=3, show_default=True, type=click.IntRange(1, 1000), help="Timed runs per pipeline and batch.")
+@click.option("--height", default=None, type=int, help="Pixels; default: the profile's opt.")
+@click.option("--width", default=None, type=int, help="Pixels; default: the profile's opt.")
+@click.option("--schedulers", "sweep", is_flag=True,
+              help="Instead: DDIM, Euler a, DPM++ 2M Karras (and LCM where the model has it) at several step counts, "
+                   "time against PSNR from a 50-step DDIM image.")
+@click.option("--step-counts", default="5,10,20,30", show_default=True, help="--schedulers: step counts.")
+@click.option("--reference-steps", default=50, show_default=True, type=click.IntRange(1, 1000),
+              help="--schedulers: DDIM steps of the reference image.")
+@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), help="Write a PNG plot (needs matplotlib).")
+@click.option("--save", type=click.Path(dir_okay=False, path_type=Path), help="Also write the JSON report to this file.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def bench(folder: Path, baseline, batches, steps, runs, height, width, sweep, step_counts, reference_steps, plot, save,
+          as_json):
+    """Benchmark the engines in FOLDER against PyTorch, per stage, in one process, alternating."""
+    from engines.bench import (BenchError, BenchOptions, format_report, format_sweep, plot_report, plot_sweep,
+                               run_bench, scheduler_sweep)
+
+    try:
+        batch_sizes = tuple(int(b) for b in batches.split(",") if b.strip())
+        counts = tuple(int(c) for c in step_counts.split(",") if c.strip())
+    except ValueError:
+        raise BenchError(f"--batch and --step-counts take comma-separated integers, got {batches!r} and {step_counts!r}")
+    options = BenchOptions(baseline="none" if sweep else baseline, batches=batch_sizes, steps=steps, runs=runs,
+                           height=height, width=width)
+    if sweep:
+        report = scheduler_sweep(folder, counts, reference_steps, options)
+        text, draw = format_sweep, plot_sweep
+    else:
+        report = run_bench(folder, options)
+        text, draw = format_report, plot_report
+    if plot:
+        draw(report, plot)
+    if save:
+        save.write_text(json.dumps(report, indent=2), encoding="utf-8")
+    click.echo(json.dumps(report, indent=2) if as_json else text(report))
+    if plot and not as_json:
+        click.echo(f"\nplot: {plot}")
+
+
 def main():
     cli(prog_name="kiln")
 

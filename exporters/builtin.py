@@ -1,7 +1,10 @@
-"""Built-in tiny models: Stable Diffusion-shaped pipelines with seeded weights, made offline.
+"""Built-in models: Stable Diffusion-shaped pipelines with seeded weights, made offline.
 
 `tiny` is shaped like SD 2.1 (v-prediction, linear-projection and upcast attention, GELU CLIP);
-`tiny-sd15` like SD 1.5 (epsilon prediction, conv projection, quick-GELU CLIP). Each is created
+`tiny-sd15` like SD 1.5 (epsilon prediction, conv projection, quick-GELU CLIP); `small` is SD 1.5's
+architecture at a fifth of its width (a 35M-parameter UNet with 32-dim attention heads, 256x256
+images), big enough for CPU
+benchmarks to mean something. Each is created
 deterministically, saved in diffusers format under the cache folder, and from then on loaded
 through the same code path as any local diffusers folder.
 """
@@ -17,7 +20,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 # Bump when a recipe changes, so that old caches are not reused.
-RECIPE_VERSION = 3
+RECIPE_VERSION = 4
 
 # A randomly initialised UNet is a chaotic denoiser: under DDIM with epsilon prediction a 1e-6
 # relative change in one step's output moved final pixels by 7/255 (measured on tiny-sd15), so no
@@ -34,13 +37,30 @@ class TinyRecipe:
     upcast_attention: bool
     hidden_act: str
     scheduler: str
-    attention_head_dim: tuple[int, ...]
+    attention_head_dim: tuple[int, ...] | int
     seed: int
+    # widths: SD's topology (four UNet levels, three with cross-attention; four VAE blocks)
+    unet_channels: tuple[int, ...] = (32, 32, 64, 64)
+    unet_layers: int = 1
+    sample_size: int = 16  # latent pixels: native image size / 8
+    text_hidden: int = 32
+    text_intermediate: int = 37
+    text_heads: int = 4
+    text_layers: int = 3
+    vae_channels: tuple[int, ...] = (8, 16, 32, 32)
+    vae_layers: int = 1
+    vae_groups: int = 8
 
 
 RECIPES = {
     "tiny": TinyRecipe("tiny", "v_prediction", True, True, "gelu", "DDIMScheduler", (2, 2, 4, 4), 0),
     "tiny-sd15": TinyRecipe("tiny-sd15", "epsilon", False, False, "quick_gelu", "PNDMScheduler", (8, 8, 8, 8), 1),
+    # SD 1.5 has 8 heads of 40-160 dims; at a fifth of the width 8 heads would be 8 dims wide, which
+    # no real model has. `small` keeps 32-dim heads instead (2, 4, 8, 8 heads per level).
+    "small": TinyRecipe("small", "epsilon", False, False, "quick_gelu", "DDIMScheduler", (2, 4, 8, 8), 2,
+                        unet_channels=(64, 128, 256, 256), unet_layers=2, sample_size=32, text_hidden=256,
+                        text_intermediate=1024, text_heads=4, text_layers=4, vae_channels=(32, 64, 128, 128),
+                        vae_layers=2, vae_groups=32),
 }
 
 
@@ -85,14 +105,14 @@ def _build_pipeline(recipe: TinyRecipe):
     # SD's topology at a tiny width: three cross-attention levels and a plain one, a cross-attention
     # mid block, three upsamplers (so sizes are multiples of 64, as for the real models).
     unet = UNet2DConditionModel(
-        sample_size=16,
+        sample_size=recipe.sample_size,
         in_channels=4,
         out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(32, 32, 64, 64),
+        layers_per_block=recipe.unet_layers,
+        block_out_channels=recipe.unet_channels,
         down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-        cross_attention_dim=32,
+        cross_attention_dim=recipe.text_hidden,
         attention_head_dim=recipe.attention_head_dim,
         use_linear_projection=recipe.use_linear_projection,
         upcast_attention=recipe.upcast_attention,
@@ -108,11 +128,11 @@ def _build_pipeline(recipe: TinyRecipe):
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 16, 32, 32),
-        layers_per_block=1,
+        block_out_channels=recipe.vae_channels,
+        layers_per_block=recipe.vae_layers,
         latent_channels=4,
-        norm_num_groups=8,
-        sample_size=128,
+        norm_num_groups=recipe.vae_groups,
+        sample_size=recipe.sample_size * 8,
         scaling_factor=0.18215,
     )
     torch.manual_seed(recipe.seed + 2)
@@ -121,11 +141,11 @@ def _build_pipeline(recipe: TinyRecipe):
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
-            hidden_size=32,
-            intermediate_size=37,
+            hidden_size=recipe.text_hidden,
+            intermediate_size=recipe.text_intermediate,
             layer_norm_eps=1e-05,
-            num_attention_heads=4,
-            num_hidden_layers=3,
+            num_attention_heads=recipe.text_heads,
+            num_hidden_layers=recipe.text_layers,
             vocab_size=len(tokenizer),
             max_position_embeddings=77,
             hidden_act=recipe.hidden_act,

@@ -17,7 +17,7 @@ from PIL import Image
 from engines.cli import cli
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMANDS = ["export", "build", "inspect", "generate"]
+COMMANDS = ["export", "build", "inspect", "generate", "bench"]
 
 
 def _run(*args, **kwargs):
