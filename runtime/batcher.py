@@ -1,0 +1,207 @@
+"""Dynamic batching for a loaded pipeline (asyncio).
+
+Requests that can share one engine call (same size, steps, guidance and scheduler) are collected
+until `max_batch` of them are waiting or `max_wait` seconds have passed since the first, then run
+as one pipeline call in which every request keeps its own prompt, negative prompt and seeded
+generator, so its image is the one it would get alone. Groups are split at the artifact's max batch.
+The queue is bounded: past `max_queue` waiting requests, `submit` refuses at once (QueueFullError).
+A batch that fails fails its own requests with that error; the batcher goes on with the next.
+Engines are not thread-safe, so one worker thread runs the batches, one at a time.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable
+
+from runtime.errors import KilnError
+
+log = logging.getLogger(__name__)
+
+
+class QueueFullError(KilnError):
+    """The batcher's queue is full; retry later."""
+
+    def __init__(self, depth: int, retry_after: float):
+        super().__init__(f"the request queue is full ({depth} waiting); retry in {retry_after:.0f} s")
+        self.retry_after = retry_after
+
+
+@dataclass(frozen=True)
+class ImageRequest:
+    prompt: str
+    negative_prompt: str | None = None
+    height: int | None = None
+    width: int | None = None
+    steps: int = 20
+    guidance_scale: float = 7.5
+    seed: int = 0
+    scheduler: str | None = None  # None: the artifact's own
+
+    def group_key(self) -> tuple:
+        """Requests with equal keys can share one engine call."""
+        return (self.height, self.width, self.steps, self.guidance_scale, self.scheduler)
+
+
+@dataclass
+class _Pending:
+    request: ImageRequest
+    future: asyncio.Future
+    enqueued: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class BatcherStats:
+    requests: int = 0
+    errors: int = 0
+    refused: int = 0
+    batches: int = 0
+    batch_sizes: dict[int, int] = field(default_factory=dict)
+
+
+def split_groups(pending: list, key: Callable[[Any], tuple], limit: int) -> list[list]:
+    """Group items by key (first-come order kept), then cut each group into chunks of at most `limit`."""
+    groups: OrderedDict[tuple, list] = OrderedDict()
+    for item in pending:
+        groups.setdefault(key(item), []).append(item)
+    return [g[i:i + limit] for g in groups.values() for i in range(0, len(g), limit)]
+
+
+class Batcher:
+    """`await batcher.submit(request)` → a PIL image. Start with `start()` inside a running loop;
+    `stop()` finishes what is queued and in flight, then stops."""
+
+    def __init__(self, pipe, max_batch: int = 8, max_wait: float = 0.1, max_queue: int = 64, validate=None):
+        if max_batch < 1 or max_wait < 0 or max_queue < 1:
+            raise KilnError(f"max_batch >= 1, max_wait >= 0 and max_queue >= 1 are required; got {max_batch}, "
+                            f"{max_wait}, {max_queue}")
+        self.pipe = pipe
+        artifact_max = pipe.manifest.shape_range("batch")[2]
+        self.max_batch = min(max_batch, artifact_max)
+        self.max_wait = max_wait
+        self.max_queue = max_queue
+        self.validate = validate or self._check
+        self.stats = BatcherStats()
+        self._queue: list[_Pending] = []
+        self._wakeup: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kiln-batch")
+        self._stopping = False
+        self._base_scheduler = pipe.scheduler.config
+        self.last_batch_seconds = 1.0
+
+    @property
+    def depth(self) -> int:
+        return len(self._queue)
+
+    def start(self) -> None:
+        self._wakeup = asyncio.Event()
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        self._stopping = True
+        if self._wakeup:
+            self._wakeup.set()
+        if self._task:
+            await self._task
+        self._executor.shutdown(wait=True)
+
+    async def submit(self, request: ImageRequest):
+        if self._stopping:
+            raise KilnError("the server is shutting down; retry on another replica")
+        default = self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
+        request = replace(request, height=request.height or default, width=request.width or default)
+        self.validate(request)  # ShapeError and friends: this request only, before it queues
+        if len(self._queue) >= self.max_queue:
+            self.stats.refused += 1
+            raise QueueFullError(len(self._queue), max(1.0, self.last_batch_seconds))
+        future = asyncio.get_running_loop().create_future()
+        self._queue.append(_Pending(request, future))
+        self.stats.requests += 1
+        self._wakeup.set()
+        return await future
+
+    def _check(self, request: ImageRequest) -> None:
+        from runtime.pipeline import check_request
+        from runtime.schedulers import scheduler_from_name
+
+        check_request(self.pipe.manifest, height=request.height, width=request.width, batch=1)
+        if request.steps < 1:
+            raise KilnError(f"steps must be >= 1, got {request.steps}")
+        if request.scheduler:
+            scheduler_from_name(request.scheduler, self._base_scheduler)  # raises for an unknown name
+
+    async def _run(self) -> None:
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            if not self._queue:
+                if self._stopping:
+                    return
+                continue
+            # Wait for a full batch of the first request's kind, or max_wait after it arrived.
+            first = self._queue[0]
+            deadline = first.enqueued + self.max_wait
+            while not self._stopping:
+                same = sum(1 for p in self._queue if p.request.group_key() == first.request.group_key())
+                remaining = deadline - time.perf_counter()
+                if same >= self.max_batch or remaining <= 0:
+                    break
+                try:
+                    await asyncio.wait_for(self._wakeup.wait(), remaining)
+                    self._wakeup.clear()
+                except asyncio.TimeoutError:
+                    break
+            group = split_groups([p for p in self._queue if p.request.group_key() == first.request.group_key()],
+                                 lambda p: p.request.group_key(), self.max_batch)[0]
+            for p in group:
+                self._queue.remove(p)
+            live = [p for p in group if not p.future.cancelled()]  # clients that left are not computed
+            if live:
+                await self._run_batch(live)
+            if self._queue:
+                self._wakeup.set()
+            elif self._stopping:
+                return
+
+    async def _run_batch(self, batch: list[_Pending]) -> None:
+        loop = asyncio.get_running_loop()
+        started = time.perf_counter()
+        try:
+            images = await loop.run_in_executor(self._executor, self._generate, [p.request for p in batch])
+        except Exception as exc:  # the batch's error is its requests' error; the batcher goes on
+            self.stats.errors += len(batch)
+            log.warning("batch of %d failed: %s", len(batch), exc)
+            for p in batch:
+                if not p.future.done():
+                    p.future.set_exception(exc)
+            return
+        finally:
+            self.last_batch_seconds = time.perf_counter() - started
+        self.stats.batches += 1
+        self.stats.batch_sizes[len(batch)] = self.stats.batch_sizes.get(len(batch), 0) + 1
+        for p, image in zip(batch, images):
+            if not p.future.done():  # a client that went away gets nothing; its neighbours are unaffected
+                p.future.set_result(image)
+
+    def _generate(self, requests: list[ImageRequest]):
+        """One pipeline call for requests of one group (runs in the worker thread)."""
+        import torch
+
+        from runtime.schedulers import scheduler_from_name
+
+        r0 = requests[0]
+        scheduler = r0.scheduler
+        self.pipe.scheduler = (scheduler_from_name(scheduler, self._base_scheduler) if scheduler
+                               else type(self.pipe.scheduler).from_config(self._base_scheduler))
+        negative = [r.negative_prompt or "" for r in requests]
+        return self.pipe(
+            prompt=[r.prompt for r in requests],
+            negative_prompt=negative if any(negative) else None,
+            height=r0.height, width=r0.width, num_inference_steps=r0.steps, guidance_scale=r0.guidance_scale,
+            generator=[torch.Generator("cpu").manual_seed(r.seed) for r in requests],
+        ).images
