@@ -28,7 +28,7 @@ else
 	$(BIN)/pip install --quiet "torch==$(TORCH_VERSION)+cpu" \
 	  || $(BIN)/pip install --quiet "torch==$(TORCH_VERSION)+cpu" --index-url $(TORCH_CPU_INDEX)
 endif
-	$(BIN)/pip install --quiet -e ".[test]"
+	$(BIN)/pip install --quiet -e ".[test,serve]"
 	touch $(STAMP)
 
 # TensorRT 11 from NVIDIA's index, for the CUDA major version torch was built with (GPU machines only).
@@ -36,7 +36,7 @@ install-tensorrt: $(STAMP)
 	cuda=$$($(BIN)/python -c "import torch; print((torch.version.cuda or '').split('.')[0])"); \
 	test -n "$$cuda" || { echo "torch here is a CPU build; TensorRT needs a CUDA build of torch"; exit 2; }; \
 	extra=$$(test "$$cuda" = 13 && echo tensorrt-cu13 || echo tensorrt); \
-	$(BIN)/pip install --quiet -e ".[test,$$extra]" --extra-index-url https://pypi.nvidia.com
+	$(BIN)/pip install --quiet -e ".[test,serve,$$extra]" --extra-index-url https://pypi.nvidia.com
 
 engines: $(INSTALL)
 	$(KILN) build $(MODEL) --out $(OUT) --backend $(BACKEND)

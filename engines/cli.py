@@ -351,6 +351,64 @@ def bench(folder: Path, baseline, batches, steps, runs, height, width, sweep, st
         click.echo(f"\nplot: {plot}")
 
 
+@cli.command()
+@click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--max-batch", default=8, show_default=True, type=click.IntRange(1, 1024),
+              help="Requests per engine call (capped at the artifact's max batch); 1 turns batching off.")
+@click.option("--max-wait-ms", default=100, show_default=True, type=click.IntRange(0, 60000),
+              help="How long the first request of a batch waits for others.")
+@click.option("--max-queue", default=64, show_default=True, type=click.IntRange(1, 100000),
+              help="Waiting requests beyond which new ones get 429.")
+@click.option("--ray", "use_ray", is_flag=True, help="Serve on Ray Serve instead (one replica per device).")
+@click.option("--replicas", default=1, show_default=True, type=click.IntRange(1, 1024), help="--ray: replicas.")
+def serve(folder: Path, host, port, max_batch, max_wait_ms, max_queue, use_ray, replicas):
+    """Serve the engines in FOLDER over HTTP: POST /v1/images, GET /healthz, GET /metrics."""
+    if use_ray:
+        from runtime.lazy import lazy_import
+
+        ray_serve = lazy_import("ray.serve", install="pip install 'kiln[serve]'")
+        from runtime.ray_serve import kiln_app
+
+        ray_serve.start(http_options={"host": host, "port": port})
+        ray_serve.run(kiln_app(str(folder), max_batch, max_wait_ms / 1000, replicas), route_prefix="/v1/images",
+                      blocking=True)
+        return
+    from runtime.lazy import lazy_import
+    from runtime.server import ServeOptions, serve as run_server
+
+    lazy_import("fastapi", install="pip install 'kiln[serve]'").load()
+    run_server(folder, ServeOptions(host, port, max_batch, max_wait_ms / 1000, max_queue))
+
+
+@cli.command()
+@click.argument("url")
+@click.option("--clients", default=8, show_default=True, type=click.IntRange(1, 1024))
+@click.option("--requests", "n_requests", default=64, show_default=True, type=click.IntRange(1, 10**6),
+              help="Requests in all, across clients.")
+@click.option("--duration", default=120.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Seconds; the test stops at whichever bound comes first.")
+@click.option("--steps", default=4, show_default=True, type=click.IntRange(1, 1000))
+@click.option("--height", default=None, type=int)
+@click.option("--width", default=None, type=int)
+@click.option("--json", "as_json", is_flag=True)
+def loadtest(url, clients, n_requests, duration, steps, height, width, as_json):
+    """Concurrent clients against a kiln service at URL: throughput and p50/p95/p99 latency."""
+    from engines.loadtest import LoadOptions, run_load
+
+    report = run_load(url, LoadOptions(clients, n_requests, duration, steps, height, width))
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    lat = report["latency_s"] or {}
+    rows = [("clients", report["clients"]), ("requests (ok)", f"{report['requests']} ({report['ok']})"),
+            ("status codes", report["status_codes"]), ("seconds", f"{report['seconds']:.1f}"),
+            ("images/s", f"{report['throughput_images_per_s']:.2f}")]
+    rows += [(f"latency {k}", f"{v:.2f} s") for k, v in lat.items()]
+    click.echo(format_table(["measure", "value"], rows))
+
+
 def main():
     cli(prog_name="kiln")
 

@@ -189,19 +189,25 @@ class Batcher:
                 p.future.set_result(image)
 
     def _generate(self, requests: list[ImageRequest]):
-        """One pipeline call for requests of one group (runs in the worker thread)."""
-        import torch
+        return generate_images(self.pipe, requests, self._base_scheduler)
 
-        from runtime.schedulers import scheduler_from_name
 
-        r0 = requests[0]
-        scheduler = r0.scheduler
-        self.pipe.scheduler = (scheduler_from_name(scheduler, self._base_scheduler) if scheduler
-                               else type(self.pipe.scheduler).from_config(self._base_scheduler))
-        negative = [r.negative_prompt or "" for r in requests]
-        return self.pipe(
-            prompt=[r.prompt for r in requests],
-            negative_prompt=negative if any(negative) else None,
-            height=r0.height, width=r0.width, num_inference_steps=r0.steps, guidance_scale=r0.guidance_scale,
-            generator=[torch.Generator("cpu").manual_seed(r.seed) for r in requests],
-        ).images
+def generate_images(pipe, requests: list[ImageRequest], base_scheduler_config):
+    """One pipeline call for requests of one group, each with its own seeded generator (not thread-safe:
+    call from one thread per pipeline)."""
+    import torch
+
+    from runtime.schedulers import scheduler_from_name
+
+    r0 = requests[0]
+    if any(r.group_key() != r0.group_key() for r in requests):
+        raise KilnError("requests of different size, steps, guidance or scheduler cannot share one call")
+    pipe.scheduler = (scheduler_from_name(r0.scheduler, base_scheduler_config) if r0.scheduler
+                      else type(pipe.scheduler).from_config(base_scheduler_config))
+    negative = [r.negative_prompt or "" for r in requests]
+    return pipe(
+        prompt=[r.prompt for r in requests],
+        negative_prompt=negative if any(negative) else None,
+        height=r0.height, width=r0.width, num_inference_steps=r0.steps, guidance_scale=r0.guidance_scale,
+        generator=[torch.Generator("cpu").manual_seed(r.seed) for r in requests],
+    ).images

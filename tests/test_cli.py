@@ -17,7 +17,7 @@ from PIL import Image
 from engines.cli import cli
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMANDS = ["export", "build", "inspect", "generate", "bench"]
+COMMANDS = ["export", "build", "inspect", "generate", "bench", "serve", "loadtest"]
 
 
 def _run(*args, **kwargs):
@@ -45,7 +45,7 @@ def test_help_works_without_heavy_packages():
         "    r = CliRunner().invoke(cli, args + ['--help'])\n"
         "    assert r.exit_code == 0 and 'Usage:' in r.output, (args, r.output)\n"
         "import runtime\n"
-        "heavy = [m for m in ('torch', 'diffusers', 'onnx', 'onnxruntime', 'tensorrt', 'transformers') if m in sys.modules]\n"
+        "heavy = [m for m in ('torch', 'diffusers', 'onnx', 'onnxruntime', 'tensorrt', 'transformers', 'fastapi', 'ray', 'uvicorn', 'matplotlib') if m in sys.modules]\n"
         "print(heavy)\n"
     )
     out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)

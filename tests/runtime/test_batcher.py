@@ -103,3 +103,24 @@ def test_a_client_that_leaves_does_not_break_its_batch(pipe):
 def test_bad_request_is_refused_before_it_queues(pipe):
     (result,), stats = _serve(pipe, [ImageRequest("x", height=1024, width=64)])
     assert isinstance(result, ShapeError) and "64..256" in str(result) and stats.requests == 0
+
+
+def test_stop_finishes_what_is_queued_and_refuses_new_requests(pipe):
+    from runtime.errors import KilnError
+
+    async def main():
+        batcher = Batcher(pipe, max_batch=1, max_wait=0.0)
+        batcher.start()
+        queued = [asyncio.ensure_future(batcher.submit(ImageRequest(f"p{i}", steps=1, height=64, width=64)))
+                  for i in range(3)]
+        await asyncio.sleep(0)
+        await batcher.stop()
+        late = None
+        try:
+            await batcher.submit(ImageRequest("late", steps=1, height=64, width=64))
+        except KilnError as exc:
+            late = exc
+        return [f.result().size for f in queued], late
+
+    sizes, late = asyncio.run(main())
+    assert sizes == [(64, 64)] * 3 and "shutting down" in str(late)

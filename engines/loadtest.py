@@ -1,0 +1,78 @@
+"""`kiln loadtest URL`: N concurrent clients on a kiln service, bounded in requests and time;
+throughput and latency percentiles. A benchmark: it reports, it does not judge."""
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+from dataclasses import dataclass
+
+from runtime.errors import KilnError
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    clients: int = 8
+    requests: int = 64  # in all, across clients
+    duration: float = 120.0  # seconds; whichever bound comes first
+    steps: int = 4
+    height: int | None = None
+    width: int | None = None
+    timeout: float = 300.0
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100) of a non-empty list."""
+    import math
+
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q / 100 * len(ordered)) - 1))]
+
+
+async def _load(url: str, options: LoadOptions) -> dict:
+    import httpx
+
+    latencies: list[float] = []
+    codes: dict[int, int] = {}
+    issued = 0
+    started = time.perf_counter()
+    deadline = started + options.duration
+
+    async def client(i: int, http):
+        nonlocal issued
+        while issued < options.requests and time.perf_counter() < deadline:
+            seed = issued
+            issued += 1
+            body = {"prompt": f"load test {seed}", "seed": seed, "steps": options.steps}
+            body.update({k: v for k, v in (("height", options.height), ("width", options.width)) if v})
+            t0 = time.perf_counter()
+            try:
+                r = await http.post(f"{url.rstrip('/')}/v1/images", json=body, headers={"Accept": "image/png"})
+                code = r.status_code
+            except httpx.HTTPError:
+                code = -1
+            codes[code] = codes.get(code, 0) + 1
+            if code == 200:
+                latencies.append(time.perf_counter() - t0)
+
+    async with httpx.AsyncClient(timeout=options.timeout) as http:
+        try:
+            (await http.get(f"{url.rstrip('/')}/healthz")).raise_for_status()
+        except httpx.HTTPError as exc:
+            raise KilnError(f"no kiln service answers at {url} ({exc}); start one with `kiln serve DIR`") from exc
+        await asyncio.gather(*(client(i, http) for i in range(options.clients)))
+    seconds = time.perf_counter() - started
+    ok = len(latencies)
+    return {
+        "url": url, "clients": options.clients, "steps": options.steps, "seconds": seconds,
+        "requests": sum(codes.values()), "ok": ok, "status_codes": {str(k): v for k, v in sorted(codes.items())},
+        "throughput_images_per_s": ok / seconds if seconds else 0.0,
+        "latency_s": {"p50": percentile(latencies, 50), "p95": percentile(latencies, 95),
+                      "p99": percentile(latencies, 99), "mean": statistics.mean(latencies)} if ok else None,
+    }
+
+
+def run_load(url: str, options: LoadOptions = LoadOptions()) -> dict:
+    if options.clients < 1 or options.requests < 1 or options.duration <= 0:
+        raise KilnError("clients and requests must be >= 1 and duration > 0")
+    return asyncio.run(_load(url, options))

@@ -1,0 +1,82 @@
+"""Scale-out on Ray Serve: the same runtime in a deployment, one replica per device, Serve's batching.
+
+    from runtime.ray_serve import kiln_app
+    serve.run(kiln_app("artifacts/tiny", num_replicas=2))   # or: kiln serve DIR --ray
+
+Serve collects up to `max_batch` calls (or `max_wait` seconds); they are grouped as the in-process
+batcher groups them (same size, steps, guidance, scheduler) and each group is one pipeline call with
+per-request generators. ray is imported only here (pip install 'kiln[serve]').
+"""
+from __future__ import annotations
+
+import asyncio
+import io
+from typing import Any
+
+
+def _to_request(body: dict[str, Any]):
+    from runtime.batcher import ImageRequest
+
+    allowed = {"prompt", "negative_prompt", "height", "width", "steps", "guidance_scale", "seed", "scheduler"}
+    unknown = set(body) - allowed
+    if unknown or "prompt" not in body:
+        from runtime.errors import KilnError
+
+        raise KilnError(f"expected fields {sorted(allowed)} with a prompt; got unknown {sorted(unknown)}")
+    return ImageRequest(**body)
+
+
+def kiln_app(folder: str, max_batch: int = 8, max_wait: float = 0.1, num_replicas: int = 1):
+    """A bound Serve application over the artifact in `folder`. On a GPU machine each replica takes
+    one GPU; on CPU each takes one CPU."""
+    import torch
+    from ray import serve
+
+    gpus = 1 if torch.cuda.is_available() else 0
+
+    @serve.deployment(num_replicas=num_replicas, ray_actor_options={"num_gpus": gpus, "num_cpus": 0 if gpus else 1})
+    class KilnImages:
+        def __init__(self, folder: str):
+            from runtime.pipeline import load_pipeline
+
+            self.pipe = load_pipeline(folder)
+            self.pipe.set_progress_bar_config(disable=True)
+            self.base = self.pipe.scheduler.config
+            self.max_batch = min(max_batch, self.pipe.manifest.shape_range("batch")[2])
+
+        @serve.batch(max_batch_size=max_batch, batch_wait_timeout_s=max_wait)
+        async def image(self, bodies: list[dict]) -> list[bytes]:
+            from runtime.batcher import split_groups
+
+            requests = [self._normalized(_to_request(b)) for b in bodies]
+            out: dict[int, bytes] = {}
+            indexed = list(enumerate(requests))
+            for group in split_groups(indexed, lambda ir: ir[1].group_key(), self.max_batch):
+                images = await asyncio.to_thread(self._generate, [r for _, r in group])
+                for (i, _), image in zip(group, images):
+                    buffer = io.BytesIO()
+                    image.save(buffer, format="PNG")
+                    out[i] = buffer.getvalue()
+            return [out[i] for i in range(len(requests))]
+
+        def _normalized(self, request):
+            from dataclasses import replace
+
+            from runtime.pipeline import check_request
+
+            default = self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
+            request = replace(request, height=request.height or default, width=request.width or default)
+            check_request(self.pipe.manifest, height=request.height, width=request.width, batch=1)
+            return request
+
+        def _generate(self, requests):
+            from runtime.batcher import generate_images
+
+            return generate_images(self.pipe, requests, self.base)
+
+        async def __call__(self, http_request):
+            from starlette.responses import Response
+
+            return Response(await self.image(await http_request.json()), media_type="image/png")
+
+    return KilnImages.bind(folder)

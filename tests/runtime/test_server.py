@@ -1,0 +1,84 @@
+"""The HTTP service on tiny: images, 422 per bad field, 429 when full, metrics, health."""
+from __future__ import annotations
+
+import base64
+import io
+
+import pytest
+from PIL import Image
+
+fastapi = pytest.importorskip("fastapi", reason="the serving extra (pip install 'kiln[serve]') is not installed")
+from fastapi.testclient import TestClient  # noqa: E402
+
+from runtime import load_pipeline  # noqa: E402
+from runtime.server import ServeOptions, create_app  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_artifact):
+    return load_pipeline(tiny_artifact)
+
+
+@pytest.fixture
+def client(pipe):
+    with TestClient(create_app(None, ServeOptions(max_wait=0.01), pipe=pipe)) as c:
+        yield c
+
+
+def test_png_and_json_answers(client):
+    body = {"prompt": "a cat", "height": 64, "width": 128, "steps": 2, "seed": 3}
+    r = client.post("/v1/images", json=body, headers={"Accept": "image/png"})
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    png = Image.open(io.BytesIO(r.content))
+    assert png.size == (128, 64)
+    r = client.post("/v1/images", json=body)
+    data = r.json()
+    assert r.status_code == 200 and data["size"] == [128, 64]
+    assert base64.b64decode(data["image"]) == r.content or Image.open(io.BytesIO(base64.b64decode(data["image"]))).size == (128, 64)
+    assert client.get("/healthz").json()["status"] == "ok"
+    metrics = client.get("/metrics").text
+    assert "kiln_requests_total 2" in metrics and 'kiln_http_responses_total{code="200"} 2' in metrics
+    assert 'kiln_request_latency_seconds_bucket{le="+Inf"} 2' in metrics and "kiln_queue_depth 0" in metrics
+
+
+@pytest.mark.parametrize("field, value, allowed", [
+    ("height", 1024, "height 1024 is outside what these engines were built for: 64..256, a multiple of 64"),
+    ("height", 32, "64..256"),
+    ("width", 100, "width 100 is outside what these engines were built for: 64..256, a multiple of 64"),
+    ("steps", 0, "greater than or equal to 1"),
+    ("guidance_scale", -1, "greater than or equal to 0"),
+    ("seed", -5, "greater than or equal to 0"),
+    ("prompt", "", "at least 1 character"),
+    ("scheduler", "nope", "unknown scheduler 'nope'"),
+    ("colour", "red", "Extra inputs are not permitted"),
+])
+def test_bad_fields_are_422_naming_the_field(client, field, value, allowed):
+    r = client.post("/v1/images", json={"prompt": "x", "steps": 1, field: value})
+    assert r.status_code == 422, r.text
+    (error,) = r.json()["detail"]
+    assert error["loc"][-1] == field and allowed in error["msg"]
+
+
+def test_oversized_body_is_413(client):
+    r = client.post("/v1/images", content=b"{" + b" " * 20000 + b"}", headers={"content-type": "application/json"})
+    assert r.status_code == 413
+
+
+def test_full_queue_is_429_with_retry_after(pipe):
+    import asyncio
+
+    import httpx
+
+    async def main():
+        app = create_app(None, ServeOptions(max_batch=1, max_wait=0, max_queue=1), pipe=pipe)
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+                body = {"prompt": "x", "steps": 3, "height": 64, "width": 64}
+                return await asyncio.gather(*(c.post("/v1/images", json=body) for _ in range(4)))
+
+    responses = asyncio.run(main())
+    codes = sorted(r.status_code for r in responses)
+    assert 200 in codes and 429 in codes
+    refused = next(r for r in responses if r.status_code == 429)
+    assert int(refused.headers["retry-after"]) >= 1 and "queue is full" in refused.json()["detail"]
