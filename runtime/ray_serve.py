@@ -27,14 +27,21 @@ def _to_request(body: dict[str, Any]):
 
 
 def kiln_app(folder: str, max_batch: int = 8, max_wait: float = 0.1, num_replicas: int = 1):
-    """A bound Serve application over the artifact in `folder`. On a GPU machine each replica takes
-    one GPU; on CPU each takes one CPU."""
+    """A bound Serve application over the artifact in `folder`."""
+    return kiln_deployment(max_batch, max_wait, num_replicas).bind(folder)
+
+
+def kiln_deployment(max_batch: int = 8, max_wait: float = 0.1, num_replicas: int = 1):
+    """The Serve deployment (unbound). On a GPU machine each replica takes one GPU; on CPU one CPU."""
     import torch
     from ray import serve
 
     gpus = 1 if torch.cuda.is_available() else 0
 
-    @serve.deployment(num_replicas=num_replicas, ray_actor_options={"num_gpus": gpus, "num_cpus": 0 if gpus else 1})
+    # Serve admits 5 requests per replica by default, which would cap every batch at 5: admit two
+    # batches' worth, so one can fill while the other runs.
+    @serve.deployment(num_replicas=num_replicas, max_ongoing_requests=2 * max_batch,
+                      ray_actor_options={"num_gpus": gpus, "num_cpus": 0 if gpus else 1})
     class KilnImages:
         def __init__(self, folder: str):
             from runtime.pipeline import load_pipeline
@@ -79,4 +86,4 @@ def kiln_app(folder: str, max_batch: int = 8, max_wait: float = 0.1, num_replica
 
             return Response(await self.image(await http_request.json()), media_type="image/png")
 
-    return KilnImages.bind(folder)
+    return KilnImages

@@ -25,3 +25,11 @@ def test_ray_deployment_answers(tiny_artifact):
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+def test_ray_deployment_admits_full_batches():
+    """Serve's default of 5 requests per replica would cap every batch at 5 (Serve warns so)."""
+    pytest.importorskip("ray.serve")
+    from runtime.ray_serve import kiln_deployment
+
+    assert kiln_deployment(max_batch=8).max_ongoing_requests >= 8
