@@ -8,6 +8,7 @@ image post-processing). Numbers, not verdicts: nothing here passes or fails.
 from __future__ import annotations
 
 import logging
+import os
 import statistics
 import threading
 import time
@@ -111,8 +112,6 @@ class PeakMemory:
     def rss() -> int:
         try:
             with open("/proc/self/statm") as f:
-                import os
-
                 return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
         except OSError:
             import resource

@@ -36,7 +36,7 @@ class BuildOptions:
     device: str | None = None
     force: bool = False
     tensorrt: TrtOptions = TrtOptions()
-    timing_cache_dir: Path | None = None  # default: $KILN_CACHE_DIR/tensorrt
+    timing_cache_dir: Path | None = None  # TensorRT timing caches; default $KILN_CACHE_DIR/tensorrt
 
     def __post_init__(self):
         if self.backend not in ("auto", *BACKENDS):
@@ -214,18 +214,15 @@ def _carry_refit_weights(export_dir: Path, entry: dict, folder: Path, name: str)
     return (dst / "model.onnx").relative_to(folder).as_posix()
 
 
-def _open_engine(folder: Path, name: str, component: dict, entry: dict, backend: dict):
+def _open_engine(folder: Path, name: str, component: dict, backend: dict):
     """The engine just built, opened by the runtime's own loader for that backend."""
-    from runtime.manifest import ComponentInfo, TensorInfo
+    from runtime.manifest import ComponentInfo
 
-    info = ComponentInfo(name, component["file"], component["precision"],
-                         tuple(TensorInfo.from_dict(t) for t in entry["inputs"]),
-                         tuple(TensorInfo.from_dict(t) for t in entry["outputs"]), entry["config"])
+    info = ComponentInfo.from_dict(name, component)
     if backend["name"] == "tensorrt":
         from runtime.trt_engine import load_engines
 
-        refit = {name: component["refit_onnx"]} if "refit_onnx" in component else None
-        return load_engines(folder, backend, {name: info}, cuda_graphs=False, refit_onnx=refit)[name]
+        return load_engines(folder, backend, {name: info}, cuda_graphs=False)[name]
     from runtime.ort_engine import OrtEngine
 
     return OrtEngine(folder / component["file"], info, provider=backend["execution_provider"])
@@ -236,7 +233,7 @@ def _engine_parity(folder: Path, name: str, component: dict, reference: Path, en
     import numpy as np
     import torch
 
-    engine = _open_engine(folder, name, component, entry, backend)
+    engine = _open_engine(folder, name, component, backend)
     info = engine.info
     data = np.load(reference)
     out = engine(**{t.name: torch.from_numpy(data[t.name]) for t in info.inputs})

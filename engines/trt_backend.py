@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from runtime.errors import BuildError, format_table
+from runtime.files import kiln_cache_dir
 from runtime.lazy import lazy_import
 
 trt = lazy_import("tensorrt")
@@ -136,21 +137,19 @@ def identity(options: TrtOptions) -> dict:
     }
 
 
-def timing_cache_path(cache_dir: Path, trt_version: str, gpu: str, compute_capability: Sequence[int]) -> Path:
-    """One timing cache per GPU model and TensorRT version: tactic timings do not transfer."""
+def timing_cache_path(cache_dir: Path | None, trt_version: str, gpu: str, compute_capability: Sequence[int]) -> Path:
+    """One timing cache per GPU model and TensorRT version (tactic timings do not transfer), in
+    `cache_dir` (default $KILN_CACHE_DIR/tensorrt)."""
     slug = re.sub(r"[^A-Za-z0-9]+", "-", gpu).strip("-").lower() or "gpu"
     cc = "".join(str(c) for c in compute_capability)
-    return Path(cache_dir) / "tensorrt" / f"timing-trt{trt_version}-{slug}-sm{cc}.cache"
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("KILN_CACHE_DIR", Path.home() / ".cache" / "kiln"))
+    folder = Path(cache_dir) if cache_dir is not None else kiln_cache_dir() / "tensorrt"
+    return folder / f"timing-trt{trt_version}-{slug}-sm{cc}.cache"
 
 
 def engine_from_onnx(onnx_path: Path, out_path: Path, inputs: Sequence[Mapping], options: TrtOptions,
                      backend: Mapping, cache_dir: Path | None = None) -> list[Path]:
     """Parse `onnx_path`, build one engine for the `inputs` shape ranges, write it to `out_path`."""
-    from runtime.trt_engine import last_errors, trt_logger
+    from runtime.trt_engine import last_errors, parser_errors, trt_logger
 
     logger = trt_logger()
     builder = trt.Builder(logger)
@@ -158,8 +157,8 @@ def engine_from_onnx(onnx_path: Path, out_path: Path, inputs: Sequence[Mapping],
     parser = trt.OnnxParser(network, logger)
     parser.set_flag(trt.OnnxParserFlag.NATIVE_INSTANCENORM)  # GroupNorm arrives as InstanceNormalization
     if not parser.parse_from_file(str(onnx_path)):  # by path, so external data next to it is found
-        errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
-        raise BuildError(f"TensorRT could not parse {onnx_path}:\n  " + "\n  ".join(errors or ["(no error reported)"]))
+        errors = parser_errors(parser) or ["(no error reported)"]
+        raise BuildError(f"TensorRT could not parse {onnx_path}:\n  " + "\n  ".join(errors))
     config = builder.create_builder_config()
     if options.workspace_bytes is not None:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, options.workspace_bytes)
@@ -174,8 +173,7 @@ def engine_from_onnx(onnx_path: Path, out_path: Path, inputs: Sequence[Mapping],
         profile.set_shape(name, lo, opt, hi)
     config.add_optimization_profile(profile)
     config.progress_monitor = _progress_monitor(onnx_path.parent.name)
-    cache_path = timing_cache_path(cache_dir or default_cache_dir(), backend["version"], backend["gpu"],
-                                   backend["compute_capability"])
+    cache_path = timing_cache_path(cache_dir, backend["version"], backend["gpu"], backend["compute_capability"])
     cache = _load_timing_cache(config, cache_path)
     config.set_timing_cache(cache, False)
     serialized = builder.build_serialized_network(network, config)

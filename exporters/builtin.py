@@ -11,11 +11,12 @@ through the same code path as any local diffusers folder.
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from runtime.files import kiln_cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -64,11 +65,6 @@ RECIPES = {
 }
 
 
-def cache_dir() -> Path:
-    """Where built-in models are cached: $KILN_CACHE_DIR or ~/.cache/kiln."""
-    return Path(os.environ.get("KILN_CACHE_DIR", Path.home() / ".cache" / "kiln"))
-
-
 def builtin_names() -> list[str]:
     return sorted(RECIPES)
 
@@ -76,7 +72,7 @@ def builtin_names() -> list[str]:
 def ensure_builtin(name: str) -> Path:
     """Return the diffusers folder of built-in model `name`, creating it on first use."""
     recipe = RECIPES[name]
-    folder = cache_dir() / "builtin" / f"{name}-v{RECIPE_VERSION}"
+    folder = kiln_cache_dir() / "builtin" / f"{name}-v{RECIPE_VERSION}"
     if (folder / "model_index.json").is_file():
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)

@@ -75,7 +75,7 @@ class Batcher:
     """`await batcher.submit(request)` → a PIL image. Start with `start()` inside a running loop;
     `stop()` finishes what is queued and in flight, then stops."""
 
-    def __init__(self, pipe, max_batch: int = 8, max_wait: float = 0.1, max_queue: int = 64, validate=None):
+    def __init__(self, pipe, max_batch: int = 8, max_wait: float = 0.1, max_queue: int = 64):
         if max_batch < 1 or max_wait < 0 or max_queue < 1:
             raise KilnError(f"max_batch >= 1, max_wait >= 0 and max_queue >= 1 are required; got {max_batch}, "
                             f"{max_wait}, {max_queue}")
@@ -84,7 +84,6 @@ class Batcher:
         self.max_batch = min(max_batch, artifact_max)
         self.max_wait = max_wait
         self.max_queue = max_queue
-        self.validate = validate or self._check
         self.stats = BatcherStats()
         self._queue: list[_Pending] = []
         self._wakeup: asyncio.Event | None = None
@@ -113,9 +112,7 @@ class Batcher:
     async def submit(self, request: ImageRequest):
         if self._stopping:
             raise KilnError("the server is shutting down; retry on another replica")
-        default = self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
-        request = replace(request, height=request.height or default, width=request.width or default)
-        self.validate(request)  # ShapeError and friends: this request only, before it queues
+        request = normalize_request(self.pipe, request)  # ShapeError and friends: this request only, before it queues
         if len(self._queue) >= self.max_queue:
             self.stats.refused += 1
             raise QueueFullError(len(self._queue), max(1.0, self.last_batch_seconds))
@@ -124,16 +121,6 @@ class Batcher:
         self.stats.requests += 1
         self._wakeup.set()
         return await future
-
-    def _check(self, request: ImageRequest) -> None:
-        from runtime.pipeline import check_request
-        from runtime.schedulers import scheduler_from_name
-
-        check_request(self.pipe.manifest, height=request.height, width=request.width, batch=1)
-        if request.steps < 1:
-            raise KilnError(f"steps must be >= 1, got {request.steps}")
-        if request.scheduler:
-            scheduler_from_name(request.scheduler, self._base_scheduler)  # raises for an unknown name
 
     async def _run(self) -> None:
         while True:
@@ -192,6 +179,22 @@ class Batcher:
         return generate_images(self.pipe, requests, self._base_scheduler)
 
 
+def normalize_request(pipe, request: ImageRequest) -> ImageRequest:
+    """`request` with the model's native size filled in, checked against the engines (size range
+    and multiple, steps, scheduler name); raises the error that request alone deserves."""
+    from runtime.pipeline import check_request
+    from runtime.schedulers import scheduler_from_name
+
+    height, width = pipe.request_size({"height": request.height, "width": request.width})
+    request = replace(request, height=height, width=width)
+    check_request(pipe.manifest, height=height, width=width, batch=1)
+    if request.steps < 1:
+        raise KilnError(f"steps must be >= 1, got {request.steps}")
+    if request.scheduler:
+        scheduler_from_name(request.scheduler, pipe.scheduler.config)  # raises for an unknown name
+    return request
+
+
 def generate_images(pipe, requests: list[ImageRequest], base_scheduler_config):
     """One pipeline call for requests of one group, each with its own seeded generator (not thread-safe:
     call from one thread per pipeline)."""
@@ -202,8 +205,8 @@ def generate_images(pipe, requests: list[ImageRequest], base_scheduler_config):
     r0 = requests[0]
     if any(r.group_key() != r0.group_key() for r in requests):
         raise KilnError("requests of different size, steps, guidance or scheduler cannot share one call")
-    pipe.scheduler = (scheduler_from_name(r0.scheduler, base_scheduler_config) if r0.scheduler
-                      else type(pipe.scheduler).from_config(base_scheduler_config))
+    # None is the artifact's own scheduler, whatever an earlier batch switched to
+    pipe.scheduler = scheduler_from_name(r0.scheduler or base_scheduler_config["_class_name"], base_scheduler_config)
     negative = [r.negative_prompt or "" for r in requests]
     return pipe(
         prompt=[r.prompt for r in requests],

@@ -3,10 +3,16 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator
+
+
+def kiln_cache_dir() -> Path:
+    """kiln's cache (built-in models, TensorRT timing caches): $KILN_CACHE_DIR or ~/.cache/kiln."""
+    return Path(os.environ.get("KILN_CACHE_DIR", Path.home() / ".cache" / "kiln"))
 
 
 def file_sha256(path: Path) -> str:

@@ -41,6 +41,14 @@ class ComponentInfo:
     inputs: tuple[TensorInfo, ...]
     outputs: tuple[TensorInfo, ...]
     config: Mapping[str, Any]
+    refit_onnx: str | None = None  # TensorRT plans built with STRIP_PLAN: the ONNX their weights come from
+
+    @classmethod
+    def from_dict(cls, name: str, c: Mapping[str, Any]) -> "ComponentInfo":
+        return cls(name=name, file=c["file"], precision=c["precision"],
+                   inputs=tuple(TensorInfo.from_dict(t) for t in c["inputs"]),
+                   outputs=tuple(TensorInfo.from_dict(t) for t in c["outputs"]),
+                   config=c["config"], refit_onnx=c.get("refit_onnx"))
 
     def output_shapes(self, input_shapes: Mapping[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
         """Check concrete input shapes against the built ranges; return the output shapes."""
@@ -105,17 +113,7 @@ def load_manifest(folder: Path | str) -> Manifest:
 
 def manifest_from_dict(folder: Path, data: Mapping[str, Any]) -> Manifest:
     """A Manifest over `folder` from manifest data (no file checks)."""
-    components = {
-        name: ComponentInfo(
-            name=name,
-            file=c["file"],
-            precision=c["precision"],
-            inputs=tuple(TensorInfo.from_dict(t) for t in c["inputs"]),
-            outputs=tuple(TensorInfo.from_dict(t) for t in c["outputs"]),
-            config=c["config"],
-        )
-        for name, c in data["components"].items()
-    }
+    components = {name: ComponentInfo.from_dict(name, c) for name, c in data["components"].items()}
     return Manifest(folder=folder, data=data, components=components)
 
 

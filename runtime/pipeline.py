@@ -82,10 +82,8 @@ def open_engines(manifest: Manifest, names, cuda_graphs: bool = True, weight_str
     if backend["name"] == "tensorrt":
         from runtime.trt_engine import load_engines
 
-        raw = manifest.data["components"]
         return load_engines(manifest.folder, backend, {n: manifest.components[n] for n in names}, cuda_graphs=cuda_graphs,
-                            weight_streaming_budget=weight_streaming_budget,
-                            refit_onnx={n: raw[n]["refit_onnx"] for n in names if "refit_onnx" in raw[n]})
+                            weight_streaming_budget=weight_streaming_budget)
     raise ArtifactError(
         f"{manifest.folder}: backend {backend['name']!r} is not one this runtime can load (onnxruntime, tensorrt); "
         "upgrade kiln or rebuild the artifact"

@@ -15,9 +15,11 @@ from typing import Any
 
 
 def _to_request(body: dict[str, Any]):
+    import dataclasses
+
     from runtime.batcher import ImageRequest
 
-    allowed = {"prompt", "negative_prompt", "height", "width", "steps", "guidance_scale", "seed", "scheduler"}
+    allowed = {f.name for f in dataclasses.fields(ImageRequest)}
     unknown = set(body) - allowed
     if unknown or "prompt" not in body:
         from runtime.errors import KilnError
@@ -51,11 +53,16 @@ def kiln_deployment(max_batch: int = 8, max_wait: float = 0.1, num_replicas: int
             self.base = self.pipe.scheduler.config
             self.max_batch = min(max_batch, self.pipe.manifest.shape_range("batch")[2])
 
+        async def image(self, body: dict) -> bytes:
+            """One request: checked on its own (its error is its own), then batched by Serve."""
+            from runtime.batcher import normalize_request
+
+            return await self._batch(normalize_request(self.pipe, _to_request(body)))
+
         @serve.batch(max_batch_size=max_batch, batch_wait_timeout_s=max_wait)
-        async def image(self, bodies: list[dict]) -> list[bytes]:
+        async def _batch(self, requests: list) -> list[bytes]:
             from runtime.batcher import split_groups
 
-            requests = [self._normalized(_to_request(b)) for b in bodies]
             out: dict[int, bytes] = {}
             indexed = list(enumerate(requests))
             for group in split_groups(indexed, lambda ir: ir[1].group_key(), self.max_batch):
@@ -65,16 +72,6 @@ def kiln_deployment(max_batch: int = 8, max_wait: float = 0.1, num_replicas: int
                     image.save(buffer, format="PNG")
                     out[i] = buffer.getvalue()
             return [out[i] for i in range(len(requests))]
-
-        def _normalized(self, request):
-            from dataclasses import replace
-
-            from runtime.pipeline import check_request
-
-            default = self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
-            request = replace(request, height=request.height or default, width=request.width or default)
-            check_request(self.pipe.manifest, height=request.height, width=request.width, batch=1)
-            return request
 
         def _generate(self, requests):
             from runtime.batcher import generate_images

@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -88,8 +88,17 @@ def trt_logger():
 
 
 def last_errors(limit: int = 3) -> str:
-    errors = trt_logger().errors[-limit:]
-    return ("; TensorRT said: " + " | ".join(errors)) if errors else ""
+    """TensorRT's latest error lines for a failure message; read once, so a later failure does not
+    repeat them."""
+    errors = trt_logger().errors
+    text = ("; TensorRT said: " + " | ".join(errors[-limit:])) if errors else ""
+    errors.clear()
+    return text
+
+
+def parser_errors(parser) -> list[str]:
+    """The errors of an OnnxParser or OnnxParserRefitter, as text."""
+    return [str(parser.get_error(i)) for i in range(parser.num_errors)]
 
 
 def dtype_name(trt_dtype) -> str:
@@ -128,8 +137,8 @@ def refit_from_onnx(engine, onnx_path: Path) -> None:
     refitter = trt.Refitter(engine, trt_logger())
     parser = trt.OnnxParserRefitter(refitter, trt_logger())
     if not parser.refit_from_file(str(onnx_path)):
-        errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
-        raise ArtifactError(f"TensorRT could not read weights for refitting from {onnx_path}: {'; '.join(errors)}")
+        raise ArtifactError(f"TensorRT could not read weights for refitting from {onnx_path}: "
+                            f"{'; '.join(parser_errors(parser))}")
     if not refitter.refit_cuda_engine():
         missing = refitter.get_missing_weights()
         raise ArtifactError(f"refitting from {onnx_path} failed{last_errors()}; weights still missing: "
@@ -148,7 +157,6 @@ class _ShapeState:
     outputs: dict[str, Any]
     graph: Any = None
     graph_failed: bool = False
-    runs: int = field(default=0)
 
 
 def _current_stream(device):
@@ -219,7 +227,6 @@ class TrtEngine:
             self._bind(state, bound)
             self._execute(stream)
         self._bound = key
-        state.runs += 1
         return state.outputs
 
     def _state(self, key: tuple, shapes: dict[str, tuple[int, ...]]) -> _ShapeState:
@@ -299,14 +306,13 @@ def set_weight_streaming(engine, name: str, budget) -> None:
 
 
 def load_engines(folder: Path, backend: Mapping, components: Mapping[str, ComponentInfo], *,
-                 cuda_graphs: bool = True, weight_streaming_budget=None,
-                 refit_onnx: Mapping[str, str] | None = None) -> dict[str, TrtEngine]:
+                 cuda_graphs: bool = True, weight_streaming_budget=None) -> dict[str, TrtEngine]:
     """Check the machine against the manifest, deserialize every plan, size one shared scratch
     for all of them and create their execution contexts on it.
 
     `weight_streaming_budget`: None (all weights resident), bytes or "auto" for every engine
-    built with weight streaming, or {component: bytes | "auto"}. `refit_onnx`: {component: ONNX
-    file in `folder`} whose weights are refit into the engine first (plans built with STRIP_PLAN)."""
+    built with weight streaming, or {component: bytes | "auto"}. Plans built with STRIP_PLAN are
+    refit first from the ONNX their ComponentInfo names."""
     for warning in check_compatible(backend, device_here()):
         log.warning("%s: %s", folder, warning)
     engines = {}
@@ -315,14 +321,15 @@ def load_engines(folder: Path, backend: Mapping, components: Mapping[str, Compon
         budget = weight_streaming_budget.get(name) if isinstance(weight_streaming_budget, Mapping) else weight_streaming_budget
         if budget is not None:
             set_weight_streaming(engine, name, budget)
-        if refit_onnx and name in refit_onnx:
-            log.info("%s: loading weights into the stripped plan from %s", name, refit_onnx[name])
-            refit_from_onnx(engine, Path(folder) / refit_onnx[name])
+        if info.refit_onnx:
+            log.info("%s: loading weights into the stripped plan from %s", name, info.refit_onnx)
+            refit_from_onnx(engine, Path(folder) / info.refit_onnx)
         engines[name] = engine
     sizes = {name: int(e.device_memory_size_v2) for name, e in engines.items()}
     nbytes = scratch_nbytes(sizes)
-    log.debug("shared TensorRT activation scratch: %.1f MiB (%s)", nbytes / 2**20,
-              ", ".join(f"{n} {s / 2**20:.1f}" for n, s in sizes.items()))
+    io = sum(max_io_nbytes(info) for info in components.values())
+    log.info("TensorRT device memory: one shared activation scratch of %.1f MiB (%s), I/O buffers up to %.1f MiB "
+             "per input shape", nbytes / 2**20, ", ".join(f"{n} {s / 2**20:.1f}" for n, s in sizes.items()), io / 2**20)
     scratch = _allocate_scratch(nbytes)
     return {name: TrtEngine(e, components[name], scratch, cuda_graphs=cuda_graphs, device=scratch.device)
             for name, e in engines.items()}

@@ -32,8 +32,8 @@ NOT_TENSORRT = {
     # standard library and kiln
     "getLogger", "log", "info", "debug", "warning", "DEBUG", "INFO", "WARNING", "ERROR", "cache",
     "read_bytes", "write_bytes", "is_file", "parent", "mkdir", "with_name", "replace", "name", "sub", "strip", "lower",
-    "items", "values", "get", "append", "pop", "move_to_end", "popitem", "clear", "rsplit", "join", "environ", "home",
-    "getpid", "inputs", "outputs", "max", "file", "output_shapes", "__init__",
+    "items", "values", "get", "append", "pop", "move_to_end", "popitem", "clear", "rsplit", "join",
+    "getpid", "inputs", "outputs", "max", "file", "output_shapes", "refit_onnx", "__init__",
 }
 # Gone in TensorRT 11 (strongly typed only) or replaced by _v2/_v3 APIs.
 REMOVED = {"EXPLICIT_BATCH", "OBEY_PRECISION_CONSTRAINTS", "PREFER_PRECISION_CONSTRAINTS", "platform_has_fast_fp16",

@@ -53,9 +53,11 @@ def test_options_are_validated_together_and_map_to_builder_flags():
     assert TrtOptions(workspace_gib=1.5).workspace_bytes == 3 * 2**29
 
 
-def test_timing_cache_is_keyed_by_gpu_model_and_tensorrt_version(tmp_path):
+def test_timing_cache_is_keyed_by_gpu_model_and_tensorrt_version(tmp_path, monkeypatch):
     a = timing_cache_path(tmp_path, "11.4.0.106", "NVIDIA H200", [9, 0])
-    assert a == tmp_path / "tensorrt" / "timing-trt11.4.0.106-nvidia-h200-sm90.cache"
+    assert a == tmp_path / "timing-trt11.4.0.106-nvidia-h200-sm90.cache"
+    monkeypatch.setenv("KILN_CACHE_DIR", str(tmp_path / "kc"))
+    assert timing_cache_path(None, "11.4.0.106", "NVIDIA H200", [9, 0]) == tmp_path / "kc" / "tensorrt" / a.name
     assert a != timing_cache_path(tmp_path, "11.3.0.99", "NVIDIA H200", [9, 0])
     assert a != timing_cache_path(tmp_path, "11.4.0.106", "NVIDIA H100 80GB HBM3", [9, 0])
 
@@ -144,8 +146,7 @@ def test_builder_call_order(fake_tensorrt, tiny_export, tmp_path):
 
 
 def test_timing_cache_is_loaded_and_saved(fake_tensorrt, tiny_export, tmp_path):
-    cache = timing_cache_path(tmp_path, **{"trt_version": BACKEND["version"], "gpu": BACKEND["gpu"],
-                                           "compute_capability": BACKEND["compute_capability"]})
+    cache = timing_cache_path(tmp_path, BACKEND["version"], BACKEND["gpu"], BACKEND["compute_capability"])
     _build(fake_tensorrt, tiny_export, tmp_path)
     assert ("create_timing_cache", b"") in fake_tensorrt.calls
     assert cache.read_bytes() == b"+timings"

@@ -124,3 +124,11 @@ def test_stop_finishes_what_is_queued_and_refuses_new_requests(pipe):
 
     sizes, late = asyncio.run(main())
     assert sizes == [(64, 64)] * 3 and "shutting down" in str(late)
+
+
+def test_a_request_without_scheduler_gets_the_artifacts_own_after_another_ran(pipe):
+    plain = ImageRequest("a red fox", seed=1, steps=3, height=64, width=64)
+    (before,), _ = _serve(pipe, [plain])
+    _, after = _serve(pipe, [ImageRequest("x", steps=3, height=64, width=64, scheduler="euler-a"), plain],
+                      max_batch=1, max_wait=0.0)[0]
+    assert np.asarray(after).tolist() == np.asarray(before).tolist()
