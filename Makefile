@@ -14,7 +14,7 @@ INSTALL ?= $(STAMP)
 KILN ?= $(if $(INSTALL),$(BIN)/kiln,kiln)
 HAS_NVIDIA := $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
 
-.PHONY: install install-tensorrt engines bench test test-gpu clean
+.PHONY: install install-tensorrt engines bench test test-fast test-gpu lint clean
 
 install: $(STAMP)
 
@@ -51,8 +51,16 @@ bench: $(INSTALL)
 	$(KILN) bench $(BENCH_OUT) --batch 1,2,4 --steps 20 --runs 3 --plot $(BENCH_OUT)/bench.png --save $(BENCH_OUT)/bench.json
 	$(KILN) bench $(BENCH_OUT) --schedulers --plot $(BENCH_OUT)/schedulers.png --save $(BENCH_OUT)/schedulers.json
 
+# Everything but the `gpu` tier (which skips, saying why, without TensorRT and CUDA).
 test: $(INSTALL)
 	$(if $(INSTALL),$(BIN)/,)pytest -q
+
+# Unit tests only: no model is exported or built (under a minute).
+test-fast: $(INSTALL)
+	$(if $(INSTALL),$(BIN)/,)pytest -q -m "not slow and not model and not gpu"
+
+lint: $(INSTALL)
+	$(if $(INSTALL),$(BIN)/,)ruff check .
 
 # The TensorRT tests on a GPU machine (after `make install-tensorrt`); elsewhere they skip, saying why.
 test-gpu: $(INSTALL)

@@ -9,7 +9,6 @@ import shutil
 import tempfile
 import time
 from dataclasses import dataclass, replace
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,16 @@ from engines.select import BACKENDS, choose_backend
 from engines.trt_backend import TrtOptions
 from runtime.errors import ArtifactError, BuildError, ToleranceError, format_table
 from runtime.files import atomic_folder, file_sha256
-from runtime.manifest import FORMAT_VERSION, MANIFEST_FILE, REPORT_FILE, file_entries, load_manifest, verify_files
+from runtime.manifest import (
+    FORMAT_VERSION,
+    REPORT_FILE,
+    component_entry,
+    load_manifest,
+    manifest_record,
+    verify_files,
+    write_manifest,
+)
+from runtime.numerics import COSINE_GATES, cosine, max_abs_err, tolerance
 from runtime.version import __version__
 
 log = logging.getLogger(__name__)
@@ -106,7 +114,7 @@ def build_from_model(model: str, out_dir: Path, options: BuildOptions = BuildOpt
     """MODEL → export into a temporary folder → artifact. Skipped when weights, profile, tool
     versions and backend are unchanged."""
     from exporters.export import ExportOptions, export_key, export_model
-    from exporters.source import resolve_model
+    from exporters.resolve import resolve_model
 
     options = resolve_options(options)
     export_options = export_options or ExportOptions(int8_target=int8_target(options))
@@ -149,23 +157,12 @@ def build_from_export(export_dir: Path, out_dir: Path, options: BuildOptions = B
             files = _engine_from_onnx(export_dir / entry["onnx"], tmp / engine_file, entry, options, backend)
             refit_onnx = _carry_refit_weights(export_dir, entry, tmp, name) if backend.get("strip_plan") else None
             seconds = time.perf_counter() - started
-            components[name] = {
-                "file": engine_file,
-                "files": [p.relative_to(tmp).as_posix() for p in files],
-                **({"refit_onnx": refit_onnx} if refit_onnx else {}),
-                "precision": entry["precision"],
-                **({"int8": entry["int8"]} if "int8" in entry else {}),
-                **({"fp16": entry["fp16"]} if "fp16" in entry else {}),
-                "onnx_sha256": entry["files"]["model.onnx"],
-                "inputs": entry["inputs"],
-                "outputs": entry["outputs"],
-                "config": entry["config"],
-                "build_seconds": round(seconds, 2),
-            }
+            components[name] = component_entry(entry, file=engine_file, files=[p.relative_to(tmp).as_posix() for p in files],
+                                               build_seconds=seconds, refit_onnx=refit_onnx)
             engine_parity[name] = _engine_parity(tmp, name, components[name], export_dir / entry["reference"], entry, backend)
             log.info("[%d/%d] %s: built in %.1f s, engine vs PyTorch max |err| %.3g", i, len(names), name, seconds,
                      max(r["max_abs_err"] for r in engine_parity[name]))
-        for folder in ("tokenizer", "scheduler"):
+        for folder in export.get("assets", ("tokenizer", "scheduler")):
             shutil.copytree(export_dir / folder, tmp / folder)
         report = {
             "export_parity": {n: export["components"][n]["parity"] for n in names},
@@ -176,22 +173,7 @@ def build_from_export(export_dir: Path, out_dir: Path, options: BuildOptions = B
             },
         }
         (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2), encoding="utf-8")
-        listed = [p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file()]
-        manifest = {
-            "format_version": FORMAT_VERSION,
-            "kiln_version": __version__,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "build_key": key,
-            "export_key": export["export_key"],
-            "model": export["model"],
-            "profile": export["profile"],
-            "dims": export["dims"],
-            "exporter": export["exporter"],
-            "backend": backend,
-            "components": components,
-            "files": file_entries(tmp, listed),
-        }
-        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+        write_manifest(tmp, manifest_record(export, backend=backend, components=components, build_key=key))
     log.info("wrote %s", out_dir)
     return BuildResult(out_dir, False, key)
 
@@ -237,16 +219,13 @@ def _engine_parity(folder: Path, name: str, component: dict, reference: Path, en
     info = engine.info
     data = np.load(reference)
     out = engine(**{t.name: torch.from_numpy(data[t.name]) for t in info.inputs})
-    from exporters.check import tolerance
-    from exporters.quality import COSINE_GATES, cosine
-
     rows = []
     atol, rtol = entry["tolerance"]["atol"], entry["tolerance"]["rtol"]
     for t in info.outputs:
         ref = data[t.name].astype(np.float64)
         got = out[t.name].cpu().numpy().astype(np.float64)
         row = {"point": "opt", "output": t.name, "shape": list(ref.shape),
-               "max_abs_err": float(np.max(np.abs(got - ref))), "cosine": cosine(got, ref)}
+               "max_abs_err": max_abs_err(got, ref), "cosine": cosine(got, ref)}
         if component["precision"] == "fp32":  # an fp32 engine must reproduce PyTorch
             row["tolerance"] = tolerance(atol, rtol, ref)
             row["ok"] = row["max_abs_err"] <= row["tolerance"]

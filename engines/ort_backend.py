@@ -5,6 +5,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from exporters.onnx_io import PROTO_LIMIT
 from runtime.errors import BuildError
 from runtime.lazy import lazy_import
 
@@ -16,7 +17,6 @@ PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 # What each execution provider builds. int8 Q/DQ graphs on GPUs are TensorRT's job: onnxruntime
 # documents quantized inference on NVIDIA GPUs through its TensorRT execution provider, not CUDA.
 PRECISIONS = {"cpu": ("fp32", "fp16", "int8"), "cuda": ("fp32", "fp16")}
-_EXTERNAL_BYTES = 2**31 - 2**20
 
 
 @dataclass(frozen=True)
@@ -64,7 +64,7 @@ def engine_from_onnx(onnx_path: Path, out_path: Path, target: OrtTarget, precisi
     options.optimized_model_filepath = str(out_path)
     # A source with external data must get external data of its own name: left alone, onnxruntime
     # writes references to the source's "model.onnx.data", which is not in the artifact.
-    if any(onnx_path.parent.glob(f"{onnx_path.name}*.data")) or onnx_path.stat().st_size > _EXTERNAL_BYTES:
+    if any(onnx_path.parent.glob(f"{onnx_path.name}*.data")) or onnx_path.stat().st_size > PROTO_LIMIT:
         options.add_session_config_entry("session.optimized_model_external_initializers_file_name", f"{out_path.name}.data")
         options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
     try:

@@ -20,7 +20,7 @@ class Machine:
     ort_providers: tuple[str, ...]
 
     @classmethod
-    def probe(cls) -> "Machine":
+    def probe(cls) -> Machine:
         try:
             version, error = str(importlib.import_module("tensorrt").__version__), None
         except Exception as exc:  # ImportError, or a broken install raising OSError on its libraries
@@ -62,7 +62,8 @@ def choose_backend(requested: str = "auto", device: str | None = None, machine: 
     why_not = ("no CUDA GPU visible to torch" if machine.tensorrt else
                f"tensorrt does not import ({machine.tensorrt_error or 'not installed'})")
     if machine.cuda_gpu and "CUDAExecutionProvider" in machine.ort_providers:
-        return Choice("onnxruntime", "cuda", f"{why_not}; onnxruntime has CUDAExecutionProvider and {machine.cuda_gpu} is present")
+        return Choice("onnxruntime", "cuda",
+                      f"{why_not}; onnxruntime has CUDAExecutionProvider and {machine.cuda_gpu} is present")
     if device == "cuda":
         raise BuildError(f"--device cuda with --backend auto found neither TensorRT on a GPU ({why_not}) nor onnxruntime's "
                          "CUDAExecutionProvider with a GPU; install tensorrt or onnxruntime-gpu, or build for --device cpu")

@@ -8,17 +8,15 @@ nodes build int8), so no precision flag is set here. One optimization profile co
 from __future__ import annotations
 
 import logging
-import os
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
 
 from runtime.errors import BuildError, format_table
-from runtime.files import kiln_cache_dir
-from runtime.lazy import lazy_import
+from runtime.files import atomic_write_bytes, cache_lock, kiln_cache_dir
+from runtime.trt_plumbing import last_errors, parser_errors, trt, trt_logger
 
-trt = lazy_import("tensorrt")
 log = logging.getLogger(__name__)
 
 NAME = "tensorrt"
@@ -149,8 +147,6 @@ def timing_cache_path(cache_dir: Path | None, trt_version: str, gpu: str, comput
 def engine_from_onnx(onnx_path: Path, out_path: Path, inputs: Sequence[Mapping], options: TrtOptions,
                      backend: Mapping, cache_dir: Path | None = None) -> list[Path]:
     """Parse `onnx_path`, build one engine for the `inputs` shape ranges, write it to `out_path`."""
-    from runtime.trt_engine import last_errors, parser_errors, trt_logger
-
     logger = trt_logger()
     builder = trt.Builder(logger)
     network = builder.create_network(0)  # strongly typed: the only mode TensorRT 11 has
@@ -199,10 +195,8 @@ def _load_timing_cache(config, path: Path):
 
 def _save_timing_cache(cache, path: Path) -> None:
     data = bytes(cache.serialize())
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)  # atomic: a concurrent build never reads half a cache
+    with cache_lock(path):  # one writer at a time; readers see the old cache or the new, never half
+        atomic_write_bytes(path, data)
     log.debug("TensorRT timing cache saved: %s (%.1f KiB)", path, len(data) / 1024)
 
 

@@ -11,12 +11,10 @@ through the same code path as any local diffusers folder.
 from __future__ import annotations
 
 import logging
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from runtime.files import kiln_cache_dir
+from runtime.files import atomic_folder, cache_lock, kiln_cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -73,26 +71,19 @@ def ensure_builtin(name: str) -> Path:
     """Return the diffusers folder of built-in model `name`, creating it on first use."""
     recipe = RECIPES[name]
     folder = kiln_cache_dir() / "builtin" / f"{name}-v{RECIPE_VERSION}"
-    if (folder / "model_index.json").is_file():
+    if (folder / "model_index.json").is_file():  # made before (atomically): no lock needed to read it
         return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    log.info("creating built-in model %s in %s", name, folder)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
-        _build_pipeline(recipe).save_pretrained(tmp, safe_serialization=True)
-        try:
-            tmp.rename(folder)
-        except OSError:  # another process won the race; its folder is identical
-            if not (folder / "model_index.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with cache_lock(folder):  # concurrent first uses make it once
+        if not (folder / "model_index.json").is_file():
+            log.info("creating built-in model %s in %s", name, folder)
+            with atomic_folder(folder) as tmp:
+                _build_pipeline(recipe).save_pretrained(tmp, safe_serialization=True)
     return folder
 
 
 def _build_pipeline(recipe: TinyRecipe):
-    import torch
     import diffusers
+    import torch
     from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 

@@ -1,12 +1,14 @@
-"""int8 calibration data: the UNet's actual inputs, recorded while the PyTorch pipeline denoises
+"""int8 calibration data: the denoiser's actual inputs, recorded while the PyTorch pipeline denoises
 calibration prompts (every timestep, both halves of classifier-free guidance)."""
 from __future__ import annotations
 
+import inspect
 import logging
 from pathlib import Path
 from typing import Any
 
 from exporters.profile import Profile, profiles_dir
+from exporters.specs import ComponentSpec
 from runtime.errors import ExportError
 
 log = logging.getLogger(__name__)
@@ -52,31 +54,34 @@ def calibration_prompts(profile: Profile, builtin: bool, override: str | Path | 
     return prompts
 
 
-def record_unet_inputs(pipe, prompts: list[str], profile: Profile, steps: int, seed: int = 0) -> list[list[dict[str, Any]]]:
+def record_denoiser_inputs(pipe, spec: ComponentSpec, prompts: list[str], profile: Profile, steps: int,
+                           seed: int = 0) -> list[list[dict[str, Any]]]:
     """Run the PyTorch pipeline on each prompt at the profile's opt size; return, per prompt, the
-    UNet inputs of every denoising step as numpy arrays keyed by the ONNX input names."""
+    inputs of every call of the denoiser (`spec.module`) as numpy arrays keyed by the ONNX input
+    names (`spec.feed_from_call` maps a call to them)."""
     import torch
 
+    if spec.feed_from_call is None:
+        raise ExportError(f"{spec.name} has no calibration feed; int8 cannot calibrate it")
+    module = getattr(pipe, spec.module)
+    original = module.forward
+    signature = inspect.signature(type(module).forward)  # the model's own, whatever wraps this instance's
     recorded: list[dict[str, Any]] = []
-    original = pipe.unet.forward
 
-    def recording_forward(sample, timestep, encoder_hidden_states, *args, **kwargs):
-        t = torch.as_tensor(timestep, dtype=torch.float32).reshape(-1).expand(sample.shape[0])
-        recorded.append({"sample": sample.detach().float().numpy().copy(),
-                         "timestep": t.detach().numpy().copy(),
-                         "encoder_hidden_states": encoder_hidden_states.detach().float().numpy().copy()})
-        return original(sample, timestep, encoder_hidden_states, *args, **kwargs)
+    def recording_forward(*args, **kwargs):
+        recorded.append(spec.feed_from_call(signature.bind(module, *args, **kwargs).arguments))
+        return original(*args, **kwargs)
 
     per_prompt = []
     pipe.set_progress_bar_config(disable=True)
-    pipe.unet.forward = recording_forward
+    module.forward = recording_forward
     try:
         for i, prompt in enumerate(prompts, 1):
             start = len(recorded)
             pipe(prompt, height=profile.height.opt, width=profile.width.opt, num_inference_steps=steps,
                  guidance_scale=GUIDANCE, generator=torch.Generator().manual_seed(seed + i), output_type="latent")
             per_prompt.append(recorded[start:])
-            log.info("calibration [%d/%d]: %d UNet inputs recorded", i, len(prompts), len(recorded))
+            log.info("calibration [%d/%d]: %d %s inputs recorded", i, len(prompts), len(recorded), spec.name)
     finally:
-        pipe.unet.forward = original
+        module.forward = original
     return per_prompt

@@ -8,6 +8,7 @@ from typing import Any
 
 from exporters.specs import ComponentSpec, sample_inputs
 from runtime.errors import ToleranceError, format_table
+from runtime.numerics import max_abs_err, tolerance
 
 log = logging.getLogger(__name__)
 
@@ -31,13 +32,6 @@ class ParityRow:
                 "max_abs_err": self.max_abs_err, "tolerance": self.tolerance, "ok": self.ok}
 
 
-def tolerance(atol: float, rtol: float, reference) -> float:
-    """Allowed max |err| against a reference output: atol + rtol * max|reference|."""
-    import numpy as np
-
-    return atol + rtol * float(np.max(np.abs(reference)))
-
-
 def compare_outputs(spec: ComponentSpec, point: str, got: dict[str, Any], ref: dict[str, Any]) -> list[ParityRow]:
     """Max abs error of each output against atol + rtol * max|reference|."""
     import numpy as np
@@ -50,11 +44,8 @@ def compare_outputs(spec: ComponentSpec, point: str, got: dict[str, Any], ref: d
                 f"{spec.name}: output '{t.name}' at {point} shape has shape {list(actual.shape)}, "
                 f"PyTorch gives {list(expected.shape)}"
             )
-        err = float(np.max(np.abs(actual - expected))) if expected.size else 0.0
-        if not np.isfinite(actual).all():
-            err = float("inf")
-        tol = tolerance(spec.atol, spec.rtol, expected)
-        rows.append(ParityRow(point, t.name, expected.shape, err, tol))
+        rows.append(ParityRow(point, t.name, expected.shape, max_abs_err(actual, expected),
+                              tolerance(spec.atol, spec.rtol, expected)))
     return rows
 
 

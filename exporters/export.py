@@ -21,14 +21,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from exporters.calibrate import calibration_prompts, record_unet_inputs
+from exporters.calibrate import calibration_prompts
 from exporters.check import POINTS, check_against_torch, parity_table
-from exporters.lowering import FP32_DIR, TASK_COMPONENTS, lower_precision, pipeline_quality
+from exporters.lowering import FP32_DIR, lower_precision, pipeline_quality
 from exporters.onnx_io import EXTERNAL_DATA_THRESHOLD, save_onnx
 from exporters.passes import PassContext, run_passes
-from exporters.profile import COMPONENTS, Profile
+from exporters.profile import Profile
 from exporters.source import ModelSource
-from exporters.specs import ComponentSpec, component_specs, dynamic_axes, sample_inputs, tensor_ranges
+from exporters.specs import ComponentSpec, dynamic_axes, sample_inputs, tensor_ranges
 from runtime.errors import ExportError
 from runtime.files import atomic_folder, folder_checksums
 from runtime.version import __version__
@@ -45,7 +45,7 @@ class ExportOptions:
     opset: int | None = None  # None: the exporter's default (20 for dynamo, 17 for torchscript)
     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD  # weight bytes above which .data is written
     seed: int = 0
-    components: tuple[str, ...] = COMPONENTS
+    components: tuple[str, ...] | None = None  # None: every component of the model's family
     # Profile points at which each graph is compared with PyTorch. At "max", large models need memory:
     # an unfused attention holds batch x heads x tokens^2 scores (SD 2.1 at 1024^2, batch 8
     # under guidance: about 43 GB), so a small machine may check ("min", "opt") and say so.
@@ -60,9 +60,16 @@ class ExportOptions:
             raise ExportError(f"check points must be a non-empty subset of {', '.join(POINTS)}; got {', '.join(bad)}")
         if self.exporter not in ("dynamo", "torchscript"):
             raise ExportError(f"exporter must be 'dynamo' or 'torchscript', got {self.exporter!r}")
-        unknown = [c for c in self.components if c not in COMPONENTS]
+
+    def components_of(self, source: ModelSource) -> tuple[str, ...]:
+        """The components to export: those asked for, which must be the family's, or all of them."""
+        valid = tuple(source.family.component_specs(source.dims))
+        if self.components is None:
+            return valid
+        unknown = [c for c in self.components if c not in valid]
         if unknown:
-            raise ExportError(f"unknown components {unknown}; valid: {', '.join(COMPONENTS)}")
+            raise ExportError(f"unknown components {unknown}; valid for {source.family.name} models: {', '.join(valid)}")
+        return self.components
 
 
 def export_key(source: ModelSource, profile: Profile, options: ExportOptions) -> str:
@@ -75,20 +82,20 @@ def export_key(source: ModelSource, profile: Profile, options: ExportOptions) ->
         "weights": source.weights_sha256,
         "profile": profile.to_dict() | {"name": None},
         "calibration": _calibration_prompts(source, profile, options),
-        "options": _identity_options(profile, options),
+        "options": _identity_options(source, profile, options),
         "versions": {"kiln": __version__, "torch": torch.__version__, "onnx": onnx.__version__},
         "format": EXPORT_FORMAT,
     }
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
 
-def _identity_options(profile: Profile, options: ExportOptions) -> dict[str, Any]:
+def _identity_options(source: ModelSource, profile: Profile, options: ExportOptions) -> dict[str, Any]:
     """The options that change what an export writes: precision is in the resolved profile and the
     prompts' text in "calibration"; the int8 target matters only where something is int8."""
-    identity = asdict(options)
+    identity = asdict(options) | {"components": list(options.components_of(source))}
     for key in ("precision", "calibration_prompts"):
         identity.pop(key)
-    if not any(profile.precision_of(c) == "int8" for c in options.components):
+    if not any(profile.precision_of(c) == "int8" for c in identity["components"]):
         identity.pop("int8_target")
     return identity
 
@@ -100,25 +107,30 @@ def export_model(source: ModelSource, profile: Profile, out_dir: Path, options: 
     import torch
 
     out_dir = Path(out_dir)
+    family = source.family
+    names = options.components_of(source)
     key = key or export_key(source, profile, options)
     profile = profile.with_precision(options.precision)
     prompts = _calibration_prompts(source, profile, options)  # errors before any work
-    log.info("loading %s (%s)", source.source, source.folder)
+    log.info("loading %s (%s, %s family)", source.source, source.folder, family.name)
     pipe = source.load_pipeline()
-    specs = component_specs(source.dims)
+    specs = family.component_specs(source.dims)
+    # the model's attention upcast decides the fp16 softmax policy of every component
+    upcast_attention = bool(specs[family.denoiser].config_of(pipe).get("upcast_attention", False))
     components: dict[str, Any] = {}
     with atomic_folder(out_dir) as tmp:
-        pipe.tokenizer.save_pretrained(tmp / "tokenizer")
-        pipe.scheduler.save_pretrained(tmp / "scheduler")
+        for asset in family.assets:
+            getattr(pipe, asset).save_pretrained(tmp / asset)
         calibration = None
         if prompts:
             log.info("calibrating int8 on %d prompts x %d steps (PyTorch, %dx%d)", len(prompts),
                      profile.int8.calibration_steps, profile.height.opt, profile.width.opt)
-            calibration = record_unet_inputs(pipe, prompts, profile, profile.int8.calibration_steps, options.seed)
-        for i, name in enumerate(options.components, 1):
+            calibration = family.record_calibration(pipe, specs[family.denoiser], prompts, profile,
+                                                    profile.int8.calibration_steps, options.seed)
+        for i, name in enumerate(names, 1):
             spec = specs[name]
             started = time.perf_counter()
-            log.info("[%d/%d] %s: exporting with torch.onnx (%s)", i, len(options.components), name, options.exporter)
+            log.info("[%d/%d] %s: exporting with torch.onnx (%s)", i, len(names), name, options.exporter)
             ranges = tensor_ranges(spec, profile, source.dims)
             module = spec.wrap(pipe)
             onnx_path = tmp / name / "model.onnx"
@@ -127,20 +139,18 @@ def export_model(source: ModelSource, profile: Profile, out_dir: Path, options: 
             model = run_passes(model, PassContext(name))
             save_onnx(model, onnx_path, options.external_data_threshold)
             del model
-            log.info("[%d/%d] %s: checking against PyTorch at %s", i, len(options.components), name,
-                     "/".join(options.check_points))
+            log.info("[%d/%d] %s: checking against PyTorch at %s", i, len(names), name, "/".join(options.check_points))
             rows, reference = check_against_torch(spec, module, onnx_path, ranges, options.seed, options.check_points)
             _save_reference(tmp / "reference" / f"{name}.npz", reference)
             seconds = time.perf_counter() - started
-            log.info("[%d/%d] %s: done in %.1f s, max |err| %.3g", i, len(options.components), name, seconds,
+            log.info("[%d/%d] %s: done in %.1f s, max |err| %.3g", i, len(names), name, seconds,
                      max(r.max_abs_err for r in rows))
             log.debug("%s parity:\n%s", name, parity_table(rows))
             precision = profile.precision_of(name)
             lowered = {}
             if precision != "fp32":
                 lowered = lower_precision(spec, tmp, profile, precision, calibration, ranges,
-                                          upcast_attention=pipe.unet.config.get("upcast_attention", False),
-                                          int8_target=options.int8_target,
+                                          upcast_attention=upcast_attention, int8_target=options.int8_target,
                                           external_data_threshold=options.external_data_threshold)
             components[name] = {
                 "onnx": f"{name}/model.onnx",
@@ -160,19 +170,20 @@ def export_model(source: ModelSource, profile: Profile, out_dir: Path, options: 
             "format_version": EXPORT_FORMAT,
             "kiln_version": __version__,
             "export_key": key,
-            "model": {"source": source.source, "pipeline_class": source.pipeline_class,
+            "model": {"source": source.source, "pipeline_class": source.pipeline_class, "family": family.name,
                       "weights_sha256": source.weights_sha256},
             "profile": profile.to_dict(),
             "dims": source.dims.to_dict(),
             "exporter": {"name": options.exporter, "opset": options.opset, "torch": torch.__version__,
                          "onnx": onnx.__version__},
+            "assets": list(family.assets),
             "components": components,
         }
-        lowered_names = [n for n, c in components.items() if c["precision"] != "fp32"]
-        if lowered_names and set(TASK_COMPONENTS) <= set(components):
+        primary = next(iter(family.tasks.values()))  # the family's first task (text-to-image)
+        if any(c["precision"] != "fp32" for c in components.values()) and set(primary) <= set(components):
             manifest["quality"] = pipeline_quality(tmp, manifest, profile)
         shutil.rmtree(tmp / FP32_DIR, ignore_errors=True)
-        manifest["files"] = {f"{sub}/{rel}": sha for sub in ("tokenizer", "scheduler", "reference")
+        manifest["files"] = {f"{sub}/{rel}": sha for sub in (*family.assets, "reference")
                              for rel, sha in folder_checksums(tmp / sub).items()}
         (tmp / EXPORT_FILE).write_text(json.dumps(manifest, indent=2, default=_json_default), encoding="utf-8")
     log.info("wrote %s", out_dir)
@@ -180,7 +191,7 @@ def export_model(source: ModelSource, profile: Profile, out_dir: Path, options: 
 
 
 def _calibration_prompts(source: ModelSource, profile: Profile, options: ExportOptions) -> list[str]:
-    if not any(profile.precision_of(c) == "int8" for c in options.components):
+    if not any(profile.precision_of(c) == "int8" for c in options.components_of(source)):
         return []
     return calibration_prompts(profile, source.source.startswith("builtin:"), options.calibration_prompts)
 

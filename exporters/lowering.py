@@ -15,7 +15,6 @@ from runtime.errors import ExportError, format_table
 log = logging.getLogger(__name__)
 
 FP32_DIR = ".fp32"  # fp32 sources of lowered components, kept only while the export runs
-TASK_COMPONENTS = ("text_encoder", "unet", "vae_decoder")
 
 
 def lower_precision(spec: ComponentSpec, tmp: Path, profile: Profile, precision: str, calibration, ranges, *,
@@ -86,14 +85,15 @@ def split_calibration(per_prompt):
 
 
 def pipeline_quality(tmp: Path, export: dict[str, Any], profile: Profile) -> dict[str, Any]:
-    """PSNR of the exported graphs' images against the same pipeline with fp32 graphs."""
+    """PSNR of the exported graphs' images against the same pipeline with fp32 graphs, both run
+    as ONNX Runtime CPU engines straight from the export folder."""
     from exporters.quality import pipeline_psnr
-    from runtime.manifest import manifest_from_dict
+    from runtime.manifest import ORT_CPU_BACKEND, component_entry, manifest_from_dict, manifest_record
 
-    backend = {"name": "onnxruntime", "execution_provider": "CPUExecutionProvider"}
-    comps = {n: {**c, "file": c["onnx"]} for n, c in export["components"].items()}
-    fp32 = {n: {**c, "file": f"{FP32_DIR}/{c['onnx']}" if c["precision"] != "fp32" else c["onnx"]} for n, c in comps.items()}
-    base = {k: v for k, v in export.items() if k != "components"} | {"backend": backend, "files": {}}
-    return {"pipeline": pipeline_psnr(manifest_from_dict(tmp, base | {"components": fp32}),
-                                      manifest_from_dict(tmp, base | {"components": comps}),
-                                      profile.height.opt, profile.width.opt)}
+    def manifest(fp32: bool):
+        files = {n: f"{FP32_DIR}/{c['onnx']}" if fp32 and c["precision"] != "fp32" else c["onnx"]
+                 for n, c in export["components"].items()}
+        components = {n: component_entry(c, file=files[n]) for n, c in export["components"].items()}
+        return manifest_from_dict(tmp, manifest_record(export, backend=ORT_CPU_BACKEND, components=components))
+
+    return {"pipeline": pipeline_psnr(manifest(fp32=True), manifest(fp32=False), profile.height.opt, profile.width.opt)}

@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import logging
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+
+from exporters.onnx_io import over_proto_limit
 
 log = logging.getLogger(__name__)
-
-_PROTO_LIMIT = 2**31 - 2**20  # protobuf cannot serialize a model of 2 GB or more
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,7 @@ def infer_shapes(graph, ctx: PassContext):
     import onnx_graphsurgeon as gs
 
     model = gs.export_onnx(graph)
-    if _initializer_bytes(model) < _PROTO_LIMIT:
+    if not over_proto_limit(model):
         model = onnx.shape_inference.infer_shapes(model, data_prop=True)
     else:  # over 2 GB: inference must go through a file with external data
         with tempfile.TemporaryDirectory() as tmp:
@@ -104,6 +104,3 @@ def run_passes(model, ctx: PassContext, passes: list[Callable] = DEFAULT_PASSES)
     out.ir_version = model.ir_version
     return out
 
-
-def _initializer_bytes(model) -> int:
-    return sum(len(t.raw_data) for t in model.graph.initializer)

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Mapping
 
+from exporters.onnx_io import GraphIndex, over_proto_limit
 from exporters.passes import matches_module
 from runtime.errors import ExportError, format_table
 
@@ -51,7 +52,7 @@ def convert_fp16(model, policy: Fp16Policy, upcast_attention: bool):
         ops.add("Softmax")
     nodes = [n.name for n in model.graph.node if matches_module(n.name, policy.keep_fp32_modules)]
     out = convert_float_to_float16(model, keep_io_types=True, op_block_list=sorted(ops), node_block_list=nodes,
-                                   disable_shape_infer=_too_big_for_inference(model))
+                                   disable_shape_infer=over_proto_limit(model))
     fp32_left = sum(1 for n in out.graph.node if n.op_type in ops) + len(nodes)
     log.debug("fp16: %d nodes, %d kept fp32 (ops %s, %d by module)", len(out.graph.node), fp32_left, sorted(ops), len(nodes))
     return out
@@ -61,7 +62,7 @@ def tensor_types(model) -> dict[str, int]:
     """elem_type of every tensor after shape inference (inputs, outputs, initializers, values)."""
     import onnx
 
-    inferred = model if _too_big_for_inference(model) else onnx.shape_inference.infer_shapes(model)
+    inferred = model if over_proto_limit(model) else onnx.shape_inference.infer_shapes(model)
     types = {t.name: t.data_type for t in inferred.graph.initializer}
     for v in list(inferred.graph.input) + list(inferred.graph.output) + list(inferred.graph.value_info):
         if v.type.tensor_type.elem_type:
@@ -145,11 +146,8 @@ def qdq_problems(model) -> list[tuple[str, str, str]]:
     from onnx import numpy_helper
 
     inits = {t.name: t for t in model.graph.initializer}
-    producers = {o: n for n in model.graph.node for o in n.output}
-    consumers: dict[str, list] = {}
-    for n in model.graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
+    index = GraphIndex.of(model)
+    producers, consumers = index.producers, index.consumers
     rows = []
     for n in model.graph.node:
         if n.op_type not in ("QuantizeLinear", "DequantizeLinear"):
@@ -219,10 +217,6 @@ def _root_logger_quiet():
             root.removeHandler(handler)
 
 
-def _too_big_for_inference(model) -> bool:
-    return sum(len(t.raw_data) for t in model.graph.initializer) > 2**31 - 2**20
-
-
 QUANTIZED_OPS = ("Conv", "Gemm", "MatMul")
 
 
@@ -233,11 +227,8 @@ def dedicate_qdq_pairs(model):
 
     import onnx_graphsurgeon as gs
 
-    producers = {o: n for n in model.graph.node for o in n.output}
-    consumers: dict[str, list] = {}
-    for n in model.graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
+    index = GraphIndex.of(model)
+    producers, consumers = index.producers, index.consumers
     added, rewired = [], 0
     for dq in [n for n in model.graph.node if n.op_type == "DequantizeLinear"]:
         users = consumers.get(dq.output[0], [])

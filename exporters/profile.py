@@ -1,28 +1,29 @@
 """Profiles: the model source and the shape and precision ranges an engine build depends on.
 
 A profile is profiles/NAME.toml, a TOML file given with --profile, or defaults derived from a
-model's own config (opt = native size, min = half, max = double, batch 1-4).
+model's own config (opt = native size, min = half, max = double, batch 1-4). Which components a
+profile may name depends on the model's family, so [precision] keys are checked when the profile
+is bound to the family (`bind_family`), once MODEL is resolved.
 """
 from __future__ import annotations
 
-import tomllib
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from importlib import resources
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
-from runtime.errors import ProfileError, format_table
+import tomllib
 
 from exporters.precision import INT8_RECIPES, Fp16Policy, Int8Policy
+from runtime.errors import ProfileError, format_table
 
-COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
 PRECISIONS = ("fp32", "fp16", "int8")
-INT8_COMPONENTS = ("unet",)  # calibration records the UNet's inputs only
 _SOFTMAX = ("upcast", "always", "never")
 _SECTIONS = {
     "model": {"source"},
     "shapes": {"batch", "height", "width"},
-    "precision": set(COMPONENTS),
+    "precision": None,  # component names: the family's (checked by bind_family)
     "fp16": {"keep_fp32_ops", "keep_fp32_modules", "keep_fp32_softmax", "keep_fp32_components"},
     "int8": {"recipe", "calibration_prompts", "calibration_steps", "exclude_modules"},
 }
@@ -48,16 +49,19 @@ class Profile:
     batch: Range
     height: Range
     width: Range
-    precision: tuple[tuple[str, str], ...] = field(default=tuple((c, "fp32") for c in COMPONENTS))
+    # (component, precision) pairs: as the file gives them, then every component of the family
+    # once bound (bind_family), in the family's order
+    precision: tuple[tuple[str, str], ...] = ()
     fp16: Fp16Policy = Fp16Policy()
     int8: Int8Policy = Int8Policy()
+    denoiser: str = field(default="unet", compare=False)  # the one component int8 calibration covers (the family's)
 
     def precision_of(self, component: str) -> str:
-        return dict(self.precision)[component]
+        return dict(self.precision).get(component, "fp32")
 
-    def with_precision(self, precision: str | None) -> "Profile":
+    def with_precision(self, precision: str | None) -> Profile:
         """`--precision X` for every component: fp16 spares the keep-fp32 components; int8 applies
-        to the UNet (the one component calibration covers), the others keep the profile's setting."""
+        to the denoiser (the one component calibration covers), the others keep the profile's setting."""
         if precision is None:
             return self
         if precision not in PRECISIONS:
@@ -65,14 +69,14 @@ class Profile:
         chosen = {}
         for c, current in self.precision:
             if precision == "int8":
-                chosen[c] = "int8" if c in INT8_COMPONENTS else current
+                chosen[c] = "int8" if c == self.denoiser else current
             elif precision == "fp16" and c in self.fp16.keep_fp32_components:
                 chosen[c] = "fp32"
             else:
                 chosen[c] = precision
         return replace(self, precision=tuple(chosen.items()))
 
-    def with_keep_fp32(self) -> "Profile":
+    def with_keep_fp32(self) -> Profile:
         """Components the fp16 policy keeps whole in fp32 stay fp32 even where [precision] says fp16."""
         keep = self.fp16.keep_fp32_components
         return replace(self, precision=tuple((c, "fp32" if p == "fp16" and c in keep else p) for c, p in self.precision))
@@ -124,7 +128,7 @@ def profile_from_dict(name: str, data: Mapping[str, Any], origin: str = "profile
             problems.append((section, f"one of {sorted(_SECTIONS)}", "unknown section"))
         elif not isinstance(value, Mapping):
             problems.append((section, "a table", repr(value)))
-        else:
+        elif _SECTIONS[section] is not None:
             for key in value:
                 if key not in _SECTIONS[section]:
                     problems.append((f"{section}.{key}", f"one of {sorted(_SECTIONS[section])}", "unknown key"))
@@ -142,10 +146,8 @@ def profile_from_dict(name: str, data: Mapping[str, Any], origin: str = "profile
         else:
             ranges[key] = Range(*value)
     for key, value in precision.items():
-        if key in COMPONENTS and value not in PRECISIONS:
+        if value not in PRECISIONS:
             problems.append((f"precision.{key}", f"one of {list(PRECISIONS)}", repr(value)))
-        elif value == "int8" and key not in INT8_COMPONENTS:
-            problems.append((f"precision.{key}", f"fp32 or fp16 (int8 calibration covers {', '.join(INT8_COMPONENTS)})", "int8"))
     fp16, int8 = _policy(data, "fp16", problems), _policy(data, "int8", problems)
     if fp16.get("keep_fp32_softmax", "upcast") not in _SOFTMAX:
         problems.append(("fp16.keep_fp32_softmax", f"one of {list(_SOFTMAX)}", repr(fp16["keep_fp32_softmax"])))
@@ -156,14 +158,13 @@ def profile_from_dict(name: str, data: Mapping[str, Any], origin: str = "profile
         problems.append(("int8.calibration_steps", "a positive integer", repr(steps)))
     if problems:
         raise ProfileError(f"{origin} is invalid:\n" + format_table(["field", "expected", "found"], problems))
-    merged = {c: "fp32" for c in COMPONENTS} | {k: v for k, v in precision.items() if k in COMPONENTS}
     return Profile(
         name=name,
         source=resolved_source,
         batch=ranges["batch"],
         height=ranges["height"],
         width=ranges["width"],
-        precision=tuple(merged.items()),
+        precision=tuple(precision.items()),
         fp16=Fp16Policy(**{k: tuple(v) if isinstance(v, list) else v for k, v in fp16.items()}),
         int8=Int8Policy(**{k: tuple(v) if isinstance(v, list) else v for k, v in int8.items()}),
     ).with_keep_fp32()
@@ -176,14 +177,31 @@ def _policy(data: Mapping[str, Any], section: str, problems: list) -> dict[str, 
         return {}
     out = {k: v for k, v in table.items() if k in _SECTIONS[section]}
     for key, value in out.items():
-        if key.startswith(("keep_fp32_", "exclude_")) and key != "keep_fp32_softmax":
-            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-                problems.append((f"{section}.{key}", "a list of strings", repr(value)))
-    if section == "fp16":
-        unknown = [c for c in out.get("keep_fp32_components", []) if c not in COMPONENTS]
-        if unknown:
-            problems.append(("fp16.keep_fp32_components", f"names from {list(COMPONENTS)}", repr(unknown)))
+        is_list = key.startswith(("keep_fp32_", "exclude_")) and key != "keep_fp32_softmax"
+        if is_list and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+            problems.append((f"{section}.{key}", "a list of strings", repr(value)))
     return out
+
+
+def bind_family(profile: Profile, components: tuple[str, ...], denoiser: str) -> Profile:
+    """`profile` for a model whose family has these components: every component gets a precision
+    (fp32 unless the profile says otherwise), in the family's order; names the family does not
+    have, and int8 on anything but the denoiser, are errors listing what is valid."""
+    problems = []
+    for key, value in profile.precision:
+        if key not in components:
+            problems.append((f"precision.{key}", f"one of {list(components)}", "unknown component"))
+        elif value == "int8" and key != denoiser:
+            problems.append((f"precision.{key}", f"fp32 or fp16 (int8 calibration covers {denoiser})", "int8"))
+    unknown = [c for c in profile.fp16.keep_fp32_components if c not in components]
+    if unknown:
+        problems.append(("fp16.keep_fp32_components", f"names from {list(components)}", repr(unknown)))
+    if problems:
+        raise ProfileError(f"profile '{profile.name}' does not fit this model's components:\n"
+                           + format_table(["field", "expected", "found"], problems))
+    given = dict(profile.precision)
+    bound = tuple((c, given.get(c, "fp32")) for c in components)
+    return replace(profile, precision=bound, denoiser=denoiser).with_keep_fp32()
 
 
 def default_profile(name: str, source: str, native_height: int, native_width: int, size_multiple: int) -> Profile:

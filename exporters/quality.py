@@ -3,35 +3,21 @@ held-out inputs) and for the whole pipeline (PSNR of final images on fixed promp
 from __future__ import annotations
 
 import logging
-import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from runtime.errors import ToleranceError, format_table
+from runtime.numerics import COSINE_GATES, cosine, psnr
 
 log = logging.getLogger(__name__)
 
-# Minimum cosine similarity against the fp32 graph; below it the component is refused.
-COSINE_GATES = {"fp16": 0.999, "int8": 0.98}
 PSNR_PROMPTS = ("a photograph of an astronaut riding a horse", "a lighthouse on a rocky coast in a storm")
 PSNR_STEPS = 8
 PSNR_SEED = 0
 
 
-def cosine(a, b) -> float:
-    import numpy as np
-
-    a, b = np.asarray(a, dtype=np.float64).ravel(), np.asarray(b, dtype=np.float64).ravel()
-    denom = float(np.linalg.norm(a) * np.linalg.norm(b))
-    return float(a @ b / denom) if denom else (1.0 if not a.any() and not b.any() else 0.0)
-
-
-def psnr(a, b) -> float | None:
-    """PSNR in dB of images in [0, 1]; None when identical."""
-    import numpy as np
-
-    mse = float(np.mean((np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)) ** 2))
-    return None if mse == 0 else 10 * math.log10(1.0 / mse)
+__all__ = ["COSINE_GATES", "check_gate", "compare_graphs", "cosine", "pipeline_psnr", "psnr"]
 
 
 def compare_graphs(reference: Path, candidate: Path, samples: Sequence[Mapping[str, Any]], outputs: Sequence[str]) -> dict:

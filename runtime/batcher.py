@@ -14,37 +14,37 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
-from typing import Any, Callable
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
 
-from runtime.errors import KilnError
+from runtime.errors import OptionsError, QueueFullError, RequestError, ShuttingDownError
 
 log = logging.getLogger(__name__)
 
-
-class QueueFullError(KilnError):
-    """The batcher's queue is full; retry later."""
-
-    def __init__(self, depth: int, retry_after: float):
-        super().__init__(f"the request queue is full ({depth} waiting); retry in {retry_after:.0f} s")
-        self.retry_after = retry_after
+__all__ = ["Batcher", "BatcherStats", "ImageRequest", "QueueFullError", "generate_images", "normalize_request",
+           "split_groups"]
+PER_REQUEST = ("prompt", "negative_prompt", "seed")  # what may differ inside one engine call
 
 
 @dataclass(frozen=True)
 class ImageRequest:
+    """One image. None leaves a field to the artifact: its native size, its family's default steps
+    and guidance (runtime.families), its own scheduler."""
+
     prompt: str
     negative_prompt: str | None = None
     height: int | None = None
     width: int | None = None
-    steps: int = 20
-    guidance_scale: float = 7.5
+    steps: int | None = None
+    guidance_scale: float | None = None
     seed: int = 0
-    scheduler: str | None = None  # None: the artifact's own
+    scheduler: str | None = None
 
     def group_key(self) -> tuple:
-        """Requests with equal keys can share one engine call."""
-        return (self.height, self.width, self.steps, self.guidance_scale, self.scheduler)
+        """Requests with equal keys can share one engine call: every field but the per-request ones."""
+        return tuple(getattr(self, f.name) for f in fields(self) if f.name not in PER_REQUEST)
 
 
 @dataclass
@@ -77,7 +77,7 @@ class Batcher:
 
     def __init__(self, pipe, max_batch: int = 8, max_wait: float = 0.1, max_queue: int = 64):
         if max_batch < 1 or max_wait < 0 or max_queue < 1:
-            raise KilnError(f"max_batch >= 1, max_wait >= 0 and max_queue >= 1 are required; got {max_batch}, "
+            raise OptionsError(f"max_batch >= 1, max_wait >= 0 and max_queue >= 1 are required; got {max_batch}, "
                             f"{max_wait}, {max_queue}")
         self.pipe = pipe
         artifact_max = pipe.manifest.shape_range("batch")[2]
@@ -111,7 +111,7 @@ class Batcher:
 
     async def submit(self, request: ImageRequest):
         if self._stopping:
-            raise KilnError("the server is shutting down; retry on another replica")
+            raise ShuttingDownError("the server is shutting down; retry on another replica")
         request = normalize_request(self.pipe, request)  # ShapeError and friends: this request only, before it queues
         if len(self._queue) >= self.max_queue:
             self.stats.refused += 1
@@ -180,16 +180,21 @@ class Batcher:
 
 
 def normalize_request(pipe, request: ImageRequest) -> ImageRequest:
-    """`request` with the model's native size filled in, checked against the engines (size range
-    and multiple, steps, scheduler name); raises the error that request alone deserves."""
-    from runtime.pipeline import check_request
+    """`request` with the model's native size and its family's defaults filled in, checked against
+    the engines (size range and multiple, steps, scheduler name); raises the error that request
+    alone deserves (a RequestError naming the field)."""
+    from runtime import families
+    from runtime.requests import check_request
     from runtime.schedulers import scheduler_from_name
 
+    defaults = families.get(pipe.manifest.family).request_defaults
     height, width = pipe.request_size({"height": request.height, "width": request.width})
-    request = replace(request, height=height, width=width)
+    request = replace(request, height=height, width=width,
+                      steps=defaults["steps"] if request.steps is None else request.steps,
+                      guidance_scale=defaults["guidance_scale"] if request.guidance_scale is None else request.guidance_scale)
     check_request(pipe.manifest, height=height, width=width, batch=1)
     if request.steps < 1:
-        raise KilnError(f"steps must be >= 1, got {request.steps}")
+        raise RequestError(f"steps must be >= 1, got {request.steps}", field="steps")
     if request.scheduler:
         scheduler_from_name(request.scheduler, pipe.scheduler.config)  # raises for an unknown name
     return request
@@ -204,7 +209,7 @@ def generate_images(pipe, requests: list[ImageRequest], base_scheduler_config):
 
     r0 = requests[0]
     if any(r.group_key() != r0.group_key() for r in requests):
-        raise KilnError("requests of different size, steps, guidance or scheduler cannot share one call")
+        raise RequestError("requests of different size, steps, guidance or scheduler cannot share one call")
     # None is the artifact's own scheduler, whatever an earlier batch switched to
     pipe.scheduler = scheduler_from_name(r0.scheduler or base_scheduler_config["_class_name"], base_scheduler_config)
     negative = [r.negative_prompt or "" for r in requests]

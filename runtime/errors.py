@@ -1,11 +1,13 @@
 """One error hierarchy for kiln: every failure a user can cause is a KilnError subclass.
 
 Messages say what was expected, what was found and what to do. Validators collect every
-failure first and raise once with a table (see `format_table`).
+failure first and raise once with a table (see `format_table`). Errors that callers act on
+carry the fields they need (`RequestError.field`, `QueueFullError.retry_after`), so that no
+caller has to read a message to decide what to do.
 """
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 
 class KilnError(Exception):
@@ -14,6 +16,10 @@ class KilnError(Exception):
 
 class MissingDependencyError(KilnError, ImportError):
     """An optional package is needed for this operation but is not installed."""
+
+
+class OptionsError(KilnError):
+    """Options given to a kiln function or command do not fit together or are out of range."""
 
 
 class ModelSourceError(KilnError):
@@ -40,8 +46,45 @@ class ArtifactError(KilnError):
     """An artifact folder is missing, altered, truncated or of an unknown format."""
 
 
-class ShapeError(KilnError):
+class RequestError(KilnError):
+    """A request that these engines cannot serve as asked; `field` names the offending argument
+    (None when no single argument is to blame)."""
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field
+
+
+class ShapeError(RequestError):
     """A request does not fit the shape ranges the engines were built for."""
+
+
+class SchedulerError(RequestError):
+    """An unknown scheduler name, or one that cannot drive this model."""
+
+    def __init__(self, message: str, field: str | None = "scheduler"):
+        super().__init__(message, field)
+
+
+class ServiceError(KilnError):
+    """The service cannot take this request now; the request itself may be fine."""
+
+
+class ShuttingDownError(ServiceError):
+    """The service is draining before it stops; retry on another replica."""
+
+
+class QueueFullError(ServiceError):
+    """The request queue is full; retry after `retry_after` seconds."""
+
+    def __init__(self, depth: int, retry_after: float):
+        super().__init__(f"the request queue is full ({depth} waiting); retry in {retry_after:.0f} s")
+        self.depth = depth
+        self.retry_after = retry_after
+
+
+class ServiceUnavailableError(ServiceError):
+    """No kiln service answers at the address given."""
 
 
 def format_table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> str:

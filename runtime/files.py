@@ -1,4 +1,4 @@
-"""File helpers shared by every layer: content hashes and atomic folder writes."""
+"""File helpers shared by every layer: content hashes, atomic writes, and locks on shared caches."""
 from __future__ import annotations
 
 import contextlib
@@ -6,8 +6,8 @@ import hashlib
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 
 def kiln_cache_dir() -> Path:
@@ -52,3 +52,30 @@ def atomic_folder(target: Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so that a reader sees the old content or the new, never a part."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def cache_lock(path: Path, timeout: float = 600.0) -> Iterator[None]:
+    """Hold `<path>.lock` (filelock) while a shared cache entry is read, made or replaced, so that
+    concurrent builds on one machine make it once and never see half of it."""
+    from filelock import FileLock
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path.with_name(path.name + ".lock")), timeout=timeout):
+        yield

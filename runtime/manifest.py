@@ -1,22 +1,31 @@
-"""The artifact format: manifest.json, read and checked by the runtime (it must read it forever).
+"""The artifact format: manifest.json, written by the build and read by the runtime, here alone
+(the runtime must read it forever, so the format lives with it).
 
-An artifact folder holds one engine per component, tokenizer/ and scheduler/ as saved by
-diffusers, manifest.json and report.json. The manifest lists the sha256 of every other file.
+An artifact folder holds one engine per component, the tokenizer and scheduler folders as saved by
+diffusers, manifest.json and report.json. The manifest lists the sha256 of every other file. Its
+component records come from the export's records through `component_entry`, the one place where
+an export's description of a graph becomes the artifact's description of an engine.
 """
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from runtime.errors import ArtifactError, ShapeError, format_table
 from runtime.files import file_sha256
 from runtime.shapes import bind_axes, eval_dims
+from runtime.version import __version__
 
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 REPORT_FILE = "report.json"
+DEFAULT_FAMILY = "sd"  # artifacts of format 1 written before families were recorded hold SD pipelines
+# An ONNX Runtime CPU record: what the exporter's quality pass runs its graphs on.
+ORT_CPU_BACKEND = {"name": "onnxruntime", "execution_provider": "CPUExecutionProvider"}
 
 
 @dataclass(frozen=True)
@@ -29,7 +38,7 @@ class TensorInfo:
     max: tuple[int, ...]
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "TensorInfo":
+    def from_dict(cls, d: Mapping[str, Any]) -> TensorInfo:
         return cls(d["name"], d["dtype"], tuple(d["dims"]), tuple(d["min"]), tuple(d["opt"]), tuple(d["max"]))
 
 
@@ -44,7 +53,7 @@ class ComponentInfo:
     refit_onnx: str | None = None  # TensorRT plans built with STRIP_PLAN: the ONNX their weights come from
 
     @classmethod
-    def from_dict(cls, name: str, c: Mapping[str, Any]) -> "ComponentInfo":
+    def from_dict(cls, name: str, c: Mapping[str, Any]) -> ComponentInfo:
         return cls(name=name, file=c["file"], precision=c["precision"],
                    inputs=tuple(TensorInfo.from_dict(t) for t in c["inputs"]),
                    outputs=tuple(TensorInfo.from_dict(t) for t in c["outputs"]),
@@ -72,6 +81,15 @@ class Manifest:
     @property
     def backend(self) -> Mapping[str, Any]:
         return self.data["backend"]
+
+    @property
+    def model(self) -> Mapping[str, Any]:
+        return self.data["model"]
+
+    @property
+    def family(self) -> str:
+        """The model family whose runtime module assembles the pipeline ("sd" when not recorded)."""
+        return self.model.get("family", DEFAULT_FAMILY)
 
     @property
     def profile(self) -> Mapping[str, Any]:
@@ -140,3 +158,53 @@ def verify_files(manifest: Manifest) -> None:
 def file_entries(folder: Path, relpaths: list[str]) -> dict[str, dict[str, Any]]:
     """{relpath: {"sha256", "size"}} for the manifest's `files` table."""
     return {rel: {"sha256": file_sha256(folder / rel), "size": (folder / rel).stat().st_size} for rel in sorted(relpaths)}
+
+
+# ---- writing ------------------------------------------------------------------------------------
+
+
+def component_entry(export_entry: Mapping[str, Any], *, file: str, files: list[str] | None = None,
+                    build_seconds: float | None = None, refit_onnx: str | None = None) -> dict[str, Any]:
+    """The manifest's record of one engine, from the export's record of the graph it was built
+    from (`file`: the engine, relative to the folder the manifest describes)."""
+    lowering = {k: export_entry[k] for k in ("int8", "fp16") if k in export_entry}
+    return {
+        "file": file,
+        "files": list(files) if files is not None else [file],
+        **({"refit_onnx": refit_onnx} if refit_onnx else {}),
+        "precision": export_entry["precision"],
+        **lowering,
+        "onnx_sha256": export_entry["files"]["model.onnx"],
+        "inputs": export_entry["inputs"],
+        "outputs": export_entry["outputs"],
+        "config": export_entry["config"],
+        **({"build_seconds": round(build_seconds, 2)} if build_seconds is not None else {}),
+    }
+
+
+def manifest_record(export: Mapping[str, Any], *, backend: Mapping[str, Any], components: Mapping[str, Mapping],
+                    build_key: str | None = None) -> dict[str, Any]:
+    """Everything manifest.json says but the files table: the export's model, profile, dims and
+    exporter, the backend record and the component records (see `component_entry`)."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "kiln_version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "build_key": build_key,
+        "export_key": export["export_key"],
+        "model": {"family": DEFAULT_FAMILY, **export["model"]},
+        "profile": export["profile"],
+        "dims": export["dims"],
+        "exporter": export["exporter"],
+        "backend": dict(backend),
+        "components": {name: dict(c) for name, c in components.items()},
+    }
+
+
+def write_manifest(folder: Path, record: Mapping[str, Any]) -> Manifest:
+    """Write `folder`/manifest.json: `record` plus the size and sha256 of every other file there."""
+    folder = Path(folder)
+    listed = [rel for rel in (p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()) if rel != MANIFEST_FILE]
+    data = {**record, "files": file_entries(folder, listed)}
+    (folder / MANIFEST_FILE).write_text(json.dumps(data, indent=2), encoding="utf-8")
+    return manifest_from_dict(folder, data)

@@ -2,18 +2,15 @@
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
 from pathlib import Path
-from typing import Mapping
 
+from runtime.buffers import ShapeCache, empty_buffers, shape_key
 from runtime.errors import ArtifactError
 from runtime.lazy import lazy_import
 from runtime.manifest import ComponentInfo
 
 ort = lazy_import("onnxruntime")
 log = logging.getLogger(__name__)
-
-_MAX_SHAPE_SETS = 8  # output buffer sets kept per engine (one per distinct request shape)
 
 
 def available_providers() -> list[str]:
@@ -45,7 +42,8 @@ class OrtEngine:
         self.device = torch.device("cuda" if provider == "CUDAExecutionProvider" else "cpu")
         self._ort_device = "cuda" if self.device.type == "cuda" else "cpu"
         self._binding = self.session.io_binding()
-        self._buffers: OrderedDict[tuple, dict] = OrderedDict()
+        self._outputs: ShapeCache[dict] = ShapeCache()
+        self._dtypes = {t.name: t.dtype for t in info.outputs}
 
     def __call__(self, **inputs) -> dict:
         import numpy as np
@@ -61,7 +59,7 @@ class OrtEngine:
             x = inputs[t.name].to(device=self.device, dtype=getattr(torch, t.dtype)).contiguous()
             keep.append(x)
             binding.bind_input(t.name, self._ort_device, 0, np.dtype(t.dtype), tuple(x.shape), x.data_ptr())
-        outputs = self._output_buffers(out_shapes)
+        outputs = self._outputs.get(shape_key(out_shapes), lambda: empty_buffers(out_shapes, self._dtypes, self.device))
         for t in self.info.outputs:
             buf = outputs[t.name]
             binding.bind_output(t.name, self._ort_device, 0, np.dtype(t.dtype), tuple(buf.shape), buf.data_ptr())
@@ -69,17 +67,3 @@ class OrtEngine:
             torch.cuda.current_stream().synchronize()
         self.session.run_with_iobinding(binding)
         return outputs
-
-    def _output_buffers(self, out_shapes: Mapping[str, tuple[int, ...]]) -> dict:
-        import torch
-
-        key = tuple(sorted(out_shapes.items()))
-        if key in self._buffers:
-            self._buffers.move_to_end(key)
-            return self._buffers[key]
-        dtypes = {t.name: getattr(torch, t.dtype) for t in self.info.outputs}
-        buffers = {n: torch.empty(s, dtype=dtypes[n], device=self.device) for n, s in out_shapes.items()}
-        self._buffers[key] = buffers
-        if len(self._buffers) > _MAX_SHAPE_SETS:
-            self._buffers.popitem(last=False)
-        return buffers

@@ -22,9 +22,9 @@ def _to_request(body: dict[str, Any]):
     allowed = {f.name for f in dataclasses.fields(ImageRequest)}
     unknown = set(body) - allowed
     if unknown or "prompt" not in body:
-        from runtime.errors import KilnError
+        from runtime.errors import RequestError
 
-        raise KilnError(f"expected fields {sorted(allowed)} with a prompt; got unknown {sorted(unknown)}")
+        raise RequestError(f"expected fields {sorted(allowed)} with a prompt; got unknown {sorted(unknown)}")
     return ImageRequest(**body)
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from runtime.errors import KilnError
+from runtime.errors import SchedulerError
 
 SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
     "ddim": ("DDIMScheduler", {}),
@@ -25,6 +25,7 @@ def scheduler_from_name(name: str, config):
 
     class_name, overrides = SCHEDULERS.get(name, (name, {}))
     cls = getattr(diffusers, class_name, None)
-    if cls is None or not class_name.endswith("Scheduler"):
-        raise KilnError(f"unknown scheduler {name!r}; use one of {', '.join(SCHEDULERS)} or a diffusers scheduler class name")
+    if not (isinstance(cls, type) and issubclass(cls, diffusers.SchedulerMixin)):
+        raise SchedulerError(f"unknown scheduler {name!r}; use one of {', '.join(SCHEDULERS)} "
+                             "or a diffusers scheduler class name")
     return cls.from_config(config, **overrides)

@@ -15,8 +15,8 @@ import logging
 import time
 from dataclasses import dataclass
 
-from runtime.batcher import Batcher, ImageRequest, QueueFullError
-from runtime.errors import KilnError, ShapeError
+from runtime.batcher import Batcher, ImageRequest
+from runtime.errors import QueueFullError, RequestError, ShuttingDownError
 
 log = logging.getLogger(__name__)
 
@@ -89,8 +89,8 @@ def create_app(folder, options: ServeOptions = ServeOptions(), pipe=None):
         negative_prompt: str | None = Field(default=None, max_length=2000)
         height: int | None = None
         width: int | None = None
-        steps: int = Field(default=20, ge=1, le=200)
-        guidance_scale: float = Field(default=7.5, ge=0, le=30)
+        steps: int | None = Field(default=None, ge=1, le=200)  # None: the family's default (runtime.families)
+        guidance_scale: float | None = Field(default=None, ge=0, le=30)
         seed: int = Field(default=0, ge=0, le=2**63 - 1)
         scheduler: str | None = None
 
@@ -146,13 +146,12 @@ def create_app(folder, options: ServeOptions = ServeOptions(), pipe=None):
         except QueueFullError as exc:
             metrics.observe(429, 0)
             return _error(429, None, str(exc), headers={"Retry-After": str(int(round(exc.retry_after)))})
-        except ShapeError as exc:
+        except RequestError as exc:  # this request cannot be served as asked (size, steps, scheduler)
             metrics.observe(422, 0)
-            return _error(422, "height", str(exc))
-        except KilnError as exc:  # an unknown scheduler, or a server shutting down
-            status = 503 if "shutting down" in str(exc) else 422
-            metrics.observe(status, 0)
-            return _error(status, "scheduler" if status == 422 else None, str(exc))
+            return _error(422, exc.field, str(exc))
+        except ShuttingDownError as exc:
+            metrics.observe(503, 0)
+            return _error(503, None, str(exc))
         except Exception as exc:  # the batch failed: this request's error, the service goes on
             metrics.observe(500, 0)
             return _error(500, None, f"generation failed: {exc}")

@@ -7,7 +7,7 @@ checks follow from the same expressions, so every backend and the runtime agree.
 from __future__ import annotations
 
 import re
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 from runtime.errors import ShapeError
 

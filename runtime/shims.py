@@ -1,18 +1,21 @@
 """torch.nn.Module shims that put engines where diffusers expects its models.
 
-Each carries the original component's `.config` and reports `.device`/`.dtype`, so
-`StableDiffusionPipeline` code (encode_prompt, prepare_latents, the denoising loop) runs as is.
+Each carries the original component's `.config` and reports `.device`/`.dtype`, so a diffusers
+pipeline's own code (encode_prompt, prepare_latents, the denoising loop) runs as is. These are
+shared by the families; a family module picks the ones its pipeline needs.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 from diffusers.configuration_utils import FrozenDict
 
-from runtime.errors import ArtifactError, KilnError
+from runtime.errors import ArtifactError, KilnError, RequestError
 
 Engine = Callable[..., Mapping[str, torch.Tensor]]
+UNET_CORE_INPUTS = ("sample", "timestep", "encoder_hidden_states")
 
 
 class EngineModule(torch.nn.Module):
@@ -30,39 +33,56 @@ class EngineModule(torch.nn.Module):
         return torch.float32
 
 
-def _refuse(component: str, **kwargs) -> None:
+def refuse(component: str, **kwargs) -> None:
+    """Raise RequestError for arguments an engine cannot honour (anything set but None, {} or False)."""
     used = [k for k, v in kwargs.items() if v not in (None, {}, False)]
     if used:
-        raise KilnError(
+        raise RequestError(
             f"{component} engine does not support {', '.join(used)}; these need the PyTorch model "
-            "(or a rebuild that bakes them in)"
+            "(or a rebuild that bakes them in)", field=used[0]
         )
 
 
 class TextEncoderShim(EngineModule):
+    """A CLIP text encoder engine that returns the last hidden state (SD 1.x/2.x, LCM)."""
+
     def __init__(self, engine: Engine, config, device):
         super().__init__(config, device)
         self.engine = engine
 
     def forward(self, input_ids, attention_mask=None, output_hidden_states=None, **kwargs):
-        _refuse("text_encoder", output_hidden_states=output_hidden_states)
+        refuse("text_encoder", output_hidden_states=output_hidden_states)
         embeddings = self.engine(input_ids=input_ids.to(torch.int32))["text_embeddings"].clone()
         return (embeddings,)
 
 
 class UNetShim(EngineModule):
+    """A UNet2DConditionModel engine. Conditions beyond sample, timestep and text are the engine's
+    extra inputs, read from the manifest: `timestep_cond` (LCM's guidance embedding) and the
+    `added_cond_kwargs` entries (SDXL's text_embeds and time_ids) go to the inputs of those names."""
+
     def __init__(self, engine: Engine, config, device):
         super().__init__(config, device)
         self.engine = engine
+        self.extra_inputs = tuple(t.name for t in engine.info.inputs if t.name not in UNET_CORE_INPUTS)
 
     def forward(self, sample, timestep, encoder_hidden_states, timestep_cond=None, cross_attention_kwargs=None,
                 added_cond_kwargs=None, return_dict=True, **kwargs):
-        _refuse("unet", timestep_cond=timestep_cond, cross_attention_kwargs=cross_attention_kwargs,
-                added_cond_kwargs=added_cond_kwargs, **kwargs)
+        refuse("unet", cross_attention_kwargs=cross_attention_kwargs, **kwargs)
+        given = {**(added_cond_kwargs or {}), **({"timestep_cond": timestep_cond} if timestep_cond is not None else {})}
+        unknown = sorted(set(given) - set(self.extra_inputs))
+        missing = [n for n in self.extra_inputs if n not in given]
+        if unknown or missing:
+            raise RequestError(f"unet engine takes the extra conditions {list(self.extra_inputs) or 'none'}; this call "
+                            f"gave {sorted(given) or 'none'}" + (f" (unknown: {unknown})" if unknown else "")
+                            + (f" (missing: {missing})" if missing else "") + ". Rebuild from a model whose UNet "
+                            "config has them, or call the pipeline this artifact was built for",
+                               field=(unknown or missing)[0])
         # The scheduler loop passes a 0-d timestep: the engine takes one per batch row, as float32.
         t = torch.as_tensor(timestep, dtype=torch.float32, device=sample.device).reshape(-1)
         t = t.expand(sample.shape[0]) if t.numel() == 1 else t
-        out = self.engine(sample=sample, timestep=t, encoder_hidden_states=encoder_hidden_states)["model_output"]
+        out = self.engine(sample=sample, timestep=t, encoder_hidden_states=encoder_hidden_states,
+                          **{n: given[n] for n in self.extra_inputs})["model_output"]
         out = out.clone()  # schedulers keep past model outputs; the engine reuses its buffer
         if not return_dict:
             return (out,)

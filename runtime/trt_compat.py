@@ -4,8 +4,8 @@ log line and a None, not an explanation)."""
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 from runtime.errors import ArtifactError
 

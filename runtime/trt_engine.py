@@ -10,24 +10,20 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
+from runtime.buffers import ShapeCache, empty_buffers, shape_key
 from runtime.errors import ArtifactError, KilnError, ShapeError, format_table
-from runtime.lazy import lazy_import
 from runtime.manifest import ComponentInfo
 from runtime.trt_compat import TrtDevice, check_compatible
+from runtime.trt_plumbing import dtype_name, last_errors, parser_errors, trt, trt_logger
 
-trt = lazy_import("tensorrt")
 log = logging.getLogger(__name__)
 
 ALIGNMENT = 256  # bytes; cudaMalloc's guarantee, and what TensorRT requires of user-managed memory
-_MAX_SHAPE_SETS = 8  # buffer sets (and CUDA graphs) kept per engine, one per distinct input shape
-# TensorRT DataType member → numpy/torch dtype name (the manifest's spelling).
-DTYPES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT8": "int8", "UINT8": "uint8",
-          "INT32": "int32", "INT64": "int64", "BOOL": "bool"}
 _ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1, "uint8": 1, "int32": 4, "int64": 8, "bool": 1}
 
 
@@ -61,49 +57,7 @@ def max_io_nbytes(info: ComponentInfo) -> int:
     return sum(tensor_nbytes(t.max, t.dtype) for t in info.inputs + info.outputs)
 
 
-# ---- TensorRT plumbing shared with the builder ----------------------------------------------------
-
-
-@functools.cache
-def trt_logger():
-    """One process-wide trt.ILogger that forwards TensorRT's messages to Python logging."""
-    severity = trt.ILogger.Severity
-    levels = {severity.INTERNAL_ERROR: logging.ERROR, severity.ERROR: logging.ERROR,
-              severity.WARNING: logging.WARNING, severity.INFO: logging.DEBUG, severity.VERBOSE: logging.DEBUG}
-    trt_log = logging.getLogger("runtime.tensorrt")
-
-    class Logger(trt.ILogger):
-        def __init__(self):
-            trt.ILogger.__init__(self)
-            self.errors: list[str] = []
-
-        def log(self, sev, msg):
-            level = levels.get(sev, logging.DEBUG)
-            if level >= logging.ERROR:
-                self.errors.append(msg)
-                del self.errors[:-20]
-            trt_log.log(level, "TensorRT: %s", msg)
-
-    return Logger()
-
-
-def last_errors(limit: int = 3) -> str:
-    """TensorRT's latest error lines for a failure message; read once, so a later failure does not
-    repeat them."""
-    errors = trt_logger().errors
-    text = ("; TensorRT said: " + " | ".join(errors[-limit:])) if errors else ""
-    errors.clear()
-    return text
-
-
-def parser_errors(parser) -> list[str]:
-    """The errors of an OnnxParser or OnnxParserRefitter, as text."""
-    return [str(parser.get_error(i)) for i in range(parser.num_errors)]
-
-
-def dtype_name(trt_dtype) -> str:
-    name = getattr(trt_dtype, "name", str(trt_dtype).rsplit(".", 1)[-1])
-    return DTYPES.get(name, name.lower())
+# ---- loading -------------------------------------------------------------------------------------
 
 
 def device_here(device_index: int | None = None) -> TrtDevice:
@@ -189,7 +143,7 @@ class TrtEngine:
             raise ArtifactError(f"{info.name}: TensorRT could not create an execution context{last_errors()}")
         self.scratch = scratch
         self.context.set_device_memory(scratch.data_ptr(), engine.device_memory_size_v2)
-        self._states: OrderedDict[tuple, _ShapeState] = OrderedDict()
+        self._states: ShapeCache[_ShapeState] = ShapeCache()
         self._bound: tuple | None = None  # the shapes the context was last set up and enqueued for
 
     def _check_io(self) -> None:
@@ -207,8 +161,8 @@ class TrtEngine:
         import torch
 
         shapes = {t.name: tuple(inputs[t.name].shape) for t in self.info.inputs}
-        key = tuple(sorted(shapes.items()))
-        state = self._state(key, shapes)
+        key = shape_key(shapes)
+        state = self._states.get(key, lambda: self._new_state(shapes))
         stream = _current_stream(self.device)
         if self.cuda_graphs and not state.graph_failed:
             for t in self.info.inputs:
@@ -229,23 +183,14 @@ class TrtEngine:
         self._bound = key
         return state.outputs
 
-    def _state(self, key: tuple, shapes: dict[str, tuple[int, ...]]) -> _ShapeState:
-        import torch
-
-        if key in self._states:
-            self._states.move_to_end(key)
-            return self._states[key]
+    def _new_state(self, shapes: dict[str, tuple[int, ...]]) -> _ShapeState:
         out_shapes = self.info.output_shapes(shapes)  # ShapeError outside the built ranges
-        dtypes = {t.name: getattr(torch, t.dtype) for t in self.info.inputs + self.info.outputs}
-        state = _ShapeState(
+        dtypes = {t.name: t.dtype for t in self.info.inputs + self.info.outputs}
+        return _ShapeState(
             shapes=shapes,
-            inputs={n: torch.empty(s, dtype=dtypes[n], device=self.device) for n, s in shapes.items()} if self.cuda_graphs else {},
-            outputs={n: torch.empty(s, dtype=dtypes[n], device=self.device) for n, s in out_shapes.items()},
+            inputs=empty_buffers(shapes, dtypes, self.device) if self.cuda_graphs else {},
+            outputs=empty_buffers(out_shapes, dtypes, self.device),
         )
-        self._states[key] = state
-        if len(self._states) > _MAX_SHAPE_SETS:
-            self._states.popitem(last=False)
-        return state
 
     def _bind(self, state: _ShapeState, inputs: Mapping[str, Any]) -> None:
         context = self.context

@@ -6,14 +6,15 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from engines.bench import BenchError, BenchOptions
-from engines.cli import cli
+from kiln.bench.run import BenchError, BenchOptions
+from kiln.cli import cli
 
 
 def _bench(*args):
     return CliRunner().invoke(cli, ["bench", *map(str, args)])
 
 
+@pytest.mark.slow
 def test_bench_json_schema(tiny_artifact, tmp_path):
     r = _bench(tiny_artifact, "--batch", "1,2", "--steps", "2", "--runs", "2", "--json", "--plot", tmp_path / "b.png")
     assert r.exit_code == 0, r.output
@@ -37,12 +38,14 @@ def test_bench_json_schema(tiny_artifact, tmp_path):
     assert (tmp_path / "b.png").read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.slow
 def test_bench_table_without_baseline(tiny_artifact):
     r = _bench(tiny_artifact, "--baseline", "none", "--steps", "2", "--runs", "1")
     assert r.exit_code == 0, r.output
     assert "UNet, per step" in r.output and "end to end" in r.output and "speed-up" in r.output
 
 
+@pytest.mark.slow
 def test_scheduler_sweep_json(tiny_artifact):
     r = _bench(tiny_artifact, "--schedulers", "--step-counts", "2,4", "--reference-steps", "6", "--json")
     assert r.exit_code == 0, r.output
@@ -67,3 +70,14 @@ def test_bench_options_are_checked():
         BenchOptions(batches=(0,), runs=0)
     r = _bench("x", "--batch", "one")
     assert r.exit_code == 2 and "comma-separated integers" in r.output
+
+
+def test_unet_step_compares_artifacts(tiny_artifact, tiny_fp16_artifact):
+    r = _bench(tiny_artifact, tiny_fp16_artifact, "--unet-step", "--batch", "2", "--runs", "3", "--json")
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.stdout)
+    assert report["unet_batch"] == 2 and report["size"] == [128, 128] and report["runs"] == 3
+    assert [row["precision"] for row in report["rows"]] == ["fp32", "fp16"]
+    assert all(0 < row["min_s"] <= row["median_s"] <= row["max_s"] for row in report["rows"])
+    r = _bench(tiny_artifact, tiny_fp16_artifact)
+    assert r.exit_code == 2 and "several FOLDERS are compared only with --unet-step" in r.output

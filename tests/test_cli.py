@@ -14,24 +14,29 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from engines.cli import cli
+from kiln.cli import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMANDS = ["export", "build", "inspect", "generate", "bench", "serve", "loadtest"]
+HEAVY = ("torch", "diffusers", "onnx", "onnxruntime", "tensorrt", "transformers", "fastapi", "ray", "uvicorn", "matplotlib",
+         "peft", "sklearn")
 
 
 def _run(*args, **kwargs):
-    return subprocess.run([sys.executable, "-m", "engines.cli", *args], cwd=ROOT, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "kiln", *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=600, **kwargs)
 
 
 def test_every_module_imports():
-    import exporters
     import engines
+    import exporters
+    import kiln
     import runtime
 
-    names = [m.name for pkg in (exporters, engines, runtime) for m in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + ".")]
-    assert {"exporters.export", "engines.build", "runtime.pipeline"} <= set(names)
+    names = [m.name for pkg in (kiln, exporters, engines, runtime)
+             for m in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + ".") if not m.name.endswith("__main__")]
+    assert {"exporters.export", "engines.build", "runtime.pipeline", "kiln.cli", "exporters.families.sd",
+            "runtime.families.sd"} <= set(names)
     for name in names:
         importlib.import_module(name)
 
@@ -40,12 +45,12 @@ def test_help_works_without_heavy_packages():
     script = (
         "import sys\n"
         "from click.testing import CliRunner\n"
-        "from engines.cli import cli\n"
+        "from kiln.cli import cli\n"
         f"for args in [[]] + [[c] for c in {COMMANDS!r}]:\n"
         "    r = CliRunner().invoke(cli, args + ['--help'])\n"
         "    assert r.exit_code == 0 and 'Usage:' in r.output, (args, r.output)\n"
         "import runtime\n"
-        "heavy = [m for m in ('torch', 'diffusers', 'onnx', 'onnxruntime', 'tensorrt', 'transformers', 'fastapi', 'ray', 'uvicorn', 'matplotlib') if m in sys.modules]\n"
+        f"heavy = [m for m in {HEAVY!r} if m in sys.modules]\n"
         "print(heavy)\n"
     )
     out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -100,12 +105,14 @@ def test_readme_shows_the_two_setup_commands():
     assert readme.index("make engines") < readme.index("make test") < readme.index("## ")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
 def test_make_engines(tiny_artifact, tmp_path):
     """`make engines` on an up-to-date artifact: skips the build, generates the proof image, inspects."""
     out = shutil.copytree(tiny_artifact, tmp_path / "tiny")
-    kiln = f"{sys.executable} -m engines.cli"
-    r = subprocess.run(["make", "engines", "INSTALL=", f"KILN={kiln}", f"OUT={out}", "BACKEND=onnxruntime"], cwd=ROOT, capture_output=True,
+    kiln = f"{sys.executable} -m kiln"
+    r = subprocess.run(["make", "engines", "INSTALL=", f"KILN={kiln}", f"OUT={out}", "BACKEND=onnxruntime"], cwd=ROOT,
+                       capture_output=True,
                        text=True, timeout=600, env=os.environ)
     assert r.returncode == 0, r.stderr
     assert "is up to date; skipped" in r.stdout
@@ -145,3 +152,18 @@ def test_inspect_shows_quality(tiny_fp16_artifact, tiny_fp16_export, tmp_path):
     assert " fp16 " in unet_row
     r = CliRunner().invoke(cli, ["build", str(tiny_fp16_export), "--out", str(tmp_path / "x"), "--precision", "int8"])
     assert r.exit_code == 2 and "apply when exporting" in r.output
+
+
+def test_old_import_paths_the_readme_lists_still_work():
+    from exporters.check import tolerance  # noqa: F401
+    from exporters.quality import COSINE_GATES, cosine, psnr  # noqa: F401
+    from exporters.resolve import resolve_model
+    from exporters.source import ModelDims  # noqa: F401
+    from exporters.source import resolve_model as old_resolve
+    from runtime.batcher import QueueFullError  # noqa: F401
+    from runtime.families.sd import EnginePipeline
+    from runtime.pipeline import EngineImg2ImgPipeline, check_request  # noqa: F401
+    from runtime.pipeline import EnginePipeline as old_pipeline
+    from runtime.trt_engine import last_errors, parser_errors, trt_logger  # noqa: F401
+
+    assert old_resolve is resolve_model and old_pipeline is EnginePipeline

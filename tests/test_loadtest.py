@@ -6,8 +6,9 @@ import socket
 import pytest
 from click.testing import CliRunner
 
-from engines.cli import cli
-from engines.loadtest import percentile
+from kiln.cli import cli
+from kiln.loadtest import LoadOptions, percentile, run_load
+from runtime.errors import OptionsError, ServiceUnavailableError
 
 
 def test_percentiles_are_nearest_rank():
@@ -23,3 +24,10 @@ def test_no_service_is_one_error():
         port = s.getsockname()[1]
     r = CliRunner().invoke(cli, ["loadtest", f"http://127.0.0.1:{port}", "--requests", "1"])
     assert r.exit_code == 2 and "no kiln service answers" in r.output
+    with pytest.raises(ServiceUnavailableError):
+        run_load(f"http://127.0.0.1:{port}", LoadOptions(requests=1))
+
+
+def test_load_options_are_checked():
+    with pytest.raises(OptionsError, match="clients and requests must be >= 1"):
+        LoadOptions(clients=0)

@@ -21,7 +21,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 WHEEL = "tensorrt-cu12-bindings==11.4.0.106"
-MODULES = [ROOT / "engines" / "trt_backend.py", ROOT / "runtime" / "trt_engine.py"]
+MODULES = [ROOT / "engines" / "trt_backend.py", ROOT / "runtime" / "trt_engine.py", ROOT / "runtime" / "trt_plumbing.py"]
 
 # Attributes in those modules that belong to torch, the standard library or kiln itself, not TensorRT.
 NOT_TENSORRT = {
@@ -31,9 +31,9 @@ NOT_TENSORRT = {
     "CUDAGraph", "synchronize", "cuda_stream",
     # standard library and kiln
     "getLogger", "log", "info", "debug", "warning", "DEBUG", "INFO", "WARNING", "ERROR", "cache",
-    "read_bytes", "write_bytes", "is_file", "parent", "mkdir", "with_name", "replace", "name", "sub", "strip", "lower",
-    "items", "values", "get", "append", "pop", "move_to_end", "popitem", "clear", "rsplit", "join",
-    "getpid", "inputs", "outputs", "max", "file", "output_shapes", "refit_onnx", "__init__",
+    "read_bytes", "write_bytes", "is_file", "parent", "name", "sub", "strip", "lower",
+    "items", "values", "get", "append", "pop", "clear", "rsplit", "join",
+    "inputs", "outputs", "max", "file", "output_shapes", "refit_onnx", "__init__",
 }
 # Gone in TensorRT 11 (strongly typed only) or replaced by _v2/_v3 APIs.
 REMOVED = {"EXPLICIT_BATCH", "OBEY_PRECISION_CONSTRAINTS", "PREFER_PRECISION_CONSTRAINTS", "platform_has_fast_fp16",

@@ -12,17 +12,14 @@ from engines.build import BuildOptions, build_from_export, resolve_options
 from engines.select import Choice, Machine, choose_backend
 from engines.trt_backend import TrtOptions, engine_from_onnx, profile_shapes, timing_cache_path
 from runtime.errors import BuildError, MissingDependencyError
+from tests.records import export_components
 
 BACKEND = {"name": "tensorrt", "version": "11.4.0.106", "gpu": "NVIDIA H200", "compute_capability": [9, 0]}
 
 
-def _export(tiny_export):
-    return json.loads((tiny_export / "export.json").read_text())
-
-
-def test_profile_shapes_are_the_manifest_ranges_with_the_unet_batch_doubled(tiny_export):
+def test_profile_shapes_are_the_manifest_ranges_with_the_unet_batch_doubled():
     """tiny.toml: batch 1/1/4, height and width 64/128/256, VAE factor 8."""
-    components = _export(tiny_export)["components"]
+    components = export_components()
     unet = {name: (lo, opt, hi) for name, lo, opt, hi in profile_shapes(components["unet"]["inputs"])}
     assert unet == {
         "sample": ((1, 4, 8, 8), (2, 4, 16, 16), (8, 4, 32, 32)),
@@ -68,9 +65,13 @@ def test_int8_for_tensorrt_must_be_the_symmetric_recipe():
         trt_backend.check_precision("unet", "int8", {"int8": {"recipe": "ort-cpu"}})
 
 
-def test_tensorrt_build_without_tensorrt_says_how_to_install(tiny_export, tmp_path):
+def test_tensorrt_build_without_tensorrt_says_how_to_install(tmp_path):
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "export.json").write_text(json.dumps({"kind": "kiln-export", "format_version": 1, "export_key": "0" * 64,
+                                                    "components": export_components()}))
     with pytest.raises(MissingDependencyError, match=r"pip install 'kiln\[tensorrt\]' --extra-index-url https://pypi.nvidia.com"):
-        build_from_export(tiny_export, tmp_path / "out", BuildOptions(backend="tensorrt"))
+        build_from_export(export, tmp_path / "out", BuildOptions(backend="tensorrt"))
     assert not (tmp_path / "out").exists()
 
 
@@ -117,23 +118,24 @@ def test_auto_resolves_and_logs_the_choice(monkeypatch, caplog):
 # ---- call order, against the recording stand-in (not TensorRT) ------------------------------------
 
 
-def _build(fake, tiny_export, tmp_path, options=TrtOptions()):
-    entry = _export(tiny_export)["components"]["unet"]
+def _build(fake, tmp_path, options=TrtOptions()):
+    """The UNet's export record through the builder; the stand-in parser never reads the file."""
+    entry = export_components()["unet"]
     out = tmp_path / "unet.plan"
-    files = engine_from_onnx(tiny_export / entry["onnx"], out, entry["inputs"], options, BACKEND, cache_dir=tmp_path)
+    files = engine_from_onnx(tmp_path / entry["onnx"], out, entry["inputs"], options, BACKEND, cache_dir=tmp_path)
     return files, out
 
 
-def test_builder_call_order(fake_tensorrt, tiny_export, tmp_path):
-    files, out = _build(fake_tensorrt, tiny_export, tmp_path, TrtOptions(workspace_gib=2, optimization_level=5,
-                                                                        refit="refit", weight_streaming=True))
+def test_builder_call_order(fake_tensorrt, tmp_path):
+    files, out = _build(fake_tensorrt, tmp_path, TrtOptions(workspace_gib=2, optimization_level=5, refit="refit",
+                                                           weight_streaming=True))
     assert files == [out] and out.read_bytes() == b"PLAN"
     calls = fake_tensorrt.calls
     names = [c[0] for c in calls]
     assert calls[names.index("create_network")] == ("create_network", 0)  # strongly typed, no flags
     assert names.index("parser.set_flag") < names.index("parse_from_file")  # the flag must precede parsing
     assert ("parser.set_flag", "NATIVE_INSTANCENORM") in calls
-    assert ("parse_from_file", str(tiny_export / "unet" / "model.onnx")) in calls  # by path: external data resolves
+    assert ("parse_from_file", str(tmp_path / "unet" / "model.onnx")) in calls  # by path: external data resolves
     assert ("set_memory_pool_limit", "WORKSPACE", 2 * 2**30) in calls
     assert ("set", "Config", "builder_optimization_level", 5) in calls
     assert ("clear_flag", "TF32") in calls
@@ -145,22 +147,22 @@ def test_builder_call_order(fake_tensorrt, tiny_export, tmp_path):
     assert order == sorted(order)
 
 
-def test_timing_cache_is_loaded_and_saved(fake_tensorrt, tiny_export, tmp_path):
+def test_timing_cache_is_loaded_and_saved(fake_tensorrt, tmp_path):
     cache = timing_cache_path(tmp_path, BACKEND["version"], BACKEND["gpu"], BACKEND["compute_capability"])
-    _build(fake_tensorrt, tiny_export, tmp_path)
+    _build(fake_tensorrt, tmp_path)
     assert ("create_timing_cache", b"") in fake_tensorrt.calls
     assert cache.read_bytes() == b"+timings"
     fake_tensorrt.calls.clear()
-    _build(fake_tensorrt, tiny_export, tmp_path)
+    _build(fake_tensorrt, tmp_path)
     assert ("create_timing_cache", b"+timings") in fake_tensorrt.calls  # the second build starts from the first's
     assert cache.read_bytes() == b"+timings+timings"
 
 
-def test_builder_failures_are_build_errors(fake_tensorrt, tiny_export, tmp_path):
+def test_builder_failures_are_build_errors(fake_tensorrt, tmp_path):
     fake_tensorrt.state.parse_ok = False
     with pytest.raises(BuildError, match=r"could not parse [\s\S]*UNSUPPORTED_NODE"):
-        _build(fake_tensorrt, tiny_export, tmp_path)
+        _build(fake_tensorrt, tmp_path)
     fake_tensorrt.state.parse_ok, fake_tensorrt.state.build_ok = True, False
     with pytest.raises(BuildError, match="could not build an engine"):
-        _build(fake_tensorrt, tiny_export, tmp_path)
+        _build(fake_tensorrt, tmp_path)
     assert not (tmp_path / "unet.plan").exists()

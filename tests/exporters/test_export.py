@@ -11,15 +11,15 @@ import pytest
 
 from exporters.check import check_against_torch
 from exporters.export import ExportOptions, export_model, read_export
-from exporters.source import resolve_model
-from exporters.specs import component_specs, tensor_ranges
+from exporters.resolve import resolve_model
+from exporters.specs import tensor_ranges
 from runtime.errors import ExportError, ToleranceError
 
 
 def test_export_folder_layout(tiny_export):
     export = read_export(tiny_export)
     assert set(export["components"]) == {"text_encoder", "unet", "vae_decoder", "vae_encoder"}
-    for name, entry in export["components"].items():
+    for entry in export["components"].values():
         assert (tiny_export / entry["onnx"]).is_file()
         assert (tiny_export / entry["reference"]).is_file()
         assert {r["point"] for r in entry["parity"]} == {"min", "opt", "max"}
@@ -45,6 +45,7 @@ def test_graph_passes_left_no_dead_nodes(tiny_export):
     assert not [n for n in model.graph.node if n.op_type in ("Constant", "Shape") and n.output[0] not in used]
 
 
+@pytest.mark.model
 def test_large_graphs_use_external_data(tmp_path):
     source, profile = resolve_model("tiny")
     options = ExportOptions(components=("text_encoder",), external_data_threshold=0)
@@ -66,7 +67,7 @@ def test_large_graphs_use_external_data(tmp_path):
 
 def test_mismatch_raises_tolerance_error_with_a_table(tiny_export):
     source, profile = resolve_model("tiny")
-    strict = dataclasses.replace(component_specs(source.dims)["unet"], atol=0.0, rtol=0.0)
+    strict = dataclasses.replace(source.family.component_specs(source.dims)["unet"], atol=0.0, rtol=0.0)
     module = strict.wrap(source.load_pipeline())
     ranges = tensor_ranges(strict, profile, source.dims)
     with pytest.raises(ToleranceError) as info:
@@ -77,9 +78,12 @@ def test_mismatch_raises_tolerance_error_with_a_table(tiny_export):
         assert f"{point}    model_output  {shape}" in text
 
 
-def test_bad_export_options():
-    with pytest.raises(ExportError, match="unknown components"):
-        ExportOptions(components=("safety_checker",))
+def test_bad_export_options(tmp_path):
+    source, profile = resolve_model("tiny")
+    with pytest.raises(ExportError, match=r"unknown components \['safety_checker'\]; valid for sd models: "
+                                          r"text_encoder, unet, vae_decoder, vae_encoder"):
+        export_model(source, profile, tmp_path / "out", ExportOptions(components=("safety_checker",)))
+    assert not (tmp_path / "out").exists()
 
 
 def test_read_export_rejects_other_folders(tiny_artifact):
@@ -95,6 +99,7 @@ def test_export_records_its_inputs(tiny_export):
     assert export["components"]["unet"]["config"]["cross_attention_dim"] == 32
 
 
+@pytest.mark.model
 def test_interrupted_export_leaves_nothing(tmp_path, monkeypatch):
     import exporters.export as export_mod
 
@@ -114,6 +119,7 @@ def test_interrupted_export_leaves_nothing(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.model
 def test_check_points_are_recorded_and_buildable(tmp_path):
     from engines.build import BuildOptions, build_from_export
 
@@ -123,7 +129,8 @@ def test_check_points_are_recorded_and_buildable(tmp_path):
     entry = read_export(out)["components"]["text_encoder"]
     assert [r["point"] for r in entry["parity"]] == ["min"]
     assert (out / entry["reference"]).is_file()
-    build_from_export(out, tmp_path / "art", BuildOptions(backend="onnxruntime", device="cpu"))  # engine parity still runs, on the opt-shape reference
+    # engine parity still runs, on the opt-shape reference
+    build_from_export(out, tmp_path / "art", BuildOptions(backend="onnxruntime", device="cpu"))
     report = json.loads((tmp_path / "art" / "report.json").read_text())
     assert report["engine_parity"]["text_encoder"][0]["ok"]
 
@@ -142,3 +149,15 @@ def test_export_key_follows_what_changes_the_output(tmp_path):
     first = export_key(source, profile, ExportOptions(precision="int8", calibration_prompts=str(prompts)))
     prompts.write_text("a cat\na bird\n")
     assert export_key(source, profile, ExportOptions(precision="int8", calibration_prompts=str(prompts))) != first
+
+
+def test_hand_built_records_are_what_the_export_writes(tiny_export):
+    """tests/records.py builds tiny's records without exporting; they must not drift from the real ones."""
+    from tests.records import TINY_DIMS, export_components
+
+    export = read_export(tiny_export)
+    assert export["dims"] == TINY_DIMS.to_dict()
+    assert export["model"]["family"] == "sd" and export["assets"] == ["tokenizer", "scheduler"]
+    for name, record in export_components().items():
+        entry = export["components"][name]
+        assert (entry["inputs"], entry["outputs"], entry["precision"]) == (record["inputs"], record["outputs"], "fp32")

@@ -17,8 +17,8 @@ from exporters.export import ExportOptions, export_model, read_export
 from exporters.precision import mixed_type_problems, qdq_problems
 from exporters.profile import load_profile
 from exporters.quality import cosine, psnr
-from exporters.source import resolve_model
-from exporters.specs import component_specs, sample_inputs, tensor_ranges
+from exporters.resolve import resolve_model
+from exporters.specs import sample_inputs, tensor_ranges
 from runtime import load_pipeline
 from runtime.errors import BuildError, ExportError
 
@@ -112,6 +112,7 @@ def test_int8_graph_meets_tensorrt_qdq_rules(tiny_int8_export):
     assert mixed_type_problems(model) == []
 
 
+@pytest.mark.slow
 def test_qdq_checker_catches_the_cpu_recipe(tiny_int8_export, tmp_path):
     from exporters.precision import quantize_int8
 
@@ -134,7 +135,7 @@ def test_int8_unet_quality(tiny_int8_export, tiny_export):
     assert export["components"]["text_encoder"]["precision"] == "fp32"
     # independently of the export's own held-out set: fresh inputs through both graphs
     source, profile = resolve_model("tiny")
-    spec = component_specs(source.dims)["unet"]
+    spec = source.family.component_specs(source.dims)["unet"]
     ranges = tensor_ranges(spec, profile, source.dims)
     inputs = sample_inputs(spec, {t.name: ranges[t.name]["opt"] for t in spec.inputs}, 4242)
     inputs["timestep"][:] = 400.0
@@ -176,10 +177,13 @@ def test_int8_needs_prompts_for_a_real_model(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["few.txt", "my-model"]
 
 
+@pytest.mark.model
 def test_interrupted_calibration_leaves_nothing(tmp_path, monkeypatch):
-    import exporters.export as export_mod
+    import dataclasses
 
-    real = export_mod.record_unet_inputs
+    from exporters.families import sd
+
+    real = sd.FAMILY.record_calibration
     calls = []
 
     def interrupted(pipe, *args, **kwargs):
@@ -197,7 +201,7 @@ def test_interrupted_calibration_leaves_nothing(tmp_path, monkeypatch):
         finally:
             pipe.unet.forward = forward
 
-    monkeypatch.setattr(export_mod, "record_unet_inputs", interrupted)
+    monkeypatch.setattr(sd, "FAMILY", dataclasses.replace(sd.FAMILY, record_calibration=interrupted))
     source, profile = resolve_model("tiny")
     with pytest.raises(KeyboardInterrupt):
         export_model(source, profile, tmp_path / "out", ExportOptions(precision="int8"))

@@ -8,7 +8,8 @@ import pytest
 
 from exporters.builtin import ensure_builtin
 from exporters.profile import load_profile, profile_names
-from exporters.source import open_source, resolve_model
+from exporters.resolve import resolve_model
+from exporters.source import open_source
 from runtime.errors import ModelSourceError, ProfileError
 
 
@@ -115,7 +116,8 @@ def test_unreachable_hub_says_pass_a_local_folder(monkeypatch):
          r"precision.text_encoder .*int8 calibration covers unet"),
         ('[shapes]\nbatch = [1, 1, 4]\nheight = [64, 64, 64]\nwidth = [64, 64, 64]\n[fp16]\nkeep_fp32_softmax = "sometimes"\n',
          r"fp16.keep_fp32_softmax"),
-        ('[shapes]\nbatch = [1, 1, 4]\nheight = [64, 64, 64]\nwidth = [64, 64, 64]\n[int8]\nrecipe = "fast"\ncalibration_steps = 0\n',
+        ('[shapes]\nbatch = [1, 1, 4]\nheight = [64, 64, 64]\nwidth = [64, 64, 64]\n'
+         '[int8]\nrecipe = "fast"\ncalibration_steps = 0\n',
          r"int8.recipe[\s\S]*int8.calibration_steps"),
         ('[shapes\n', "not valid TOML"),
     ],

@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import pytest
 
+from exporters.dims import ModelDims
+from exporters.families.sd import component_specs
 from exporters.profile import load_profile
-from exporters.source import ModelDims
-from exporters.specs import component_specs, dynamic_axes, shape_of, tensor_ranges
+from exporters.specs import dynamic_axes, shape_of, tensor_ranges
 from runtime.errors import ProfileError, ShapeError
 from runtime.shapes import bind_axes
 
@@ -30,7 +31,8 @@ def test_vae_and_text_encoder_ranges():
 
 
 def test_unknown_tensor_lists_valid_names():
-    with pytest.raises(ProfileError, match="unet has no tensor 'latents'; valid names: sample, timestep, encoder_hidden_states, model_output"):
+    with pytest.raises(ProfileError, match="unet has no tensor 'latents'; "
+                                           "valid names: sample, timestep, encoder_hidden_states, model_output"):
         shape_of(component_specs(SD21)["unet"], "latents", load_profile("sd21"), SD21)
 
 

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from runtime import load_pipeline
-from runtime.batcher import Batcher, ImageRequest, QueueFullError, split_groups
-from runtime.errors import ShapeError
+from runtime.batcher import Batcher, ImageRequest, QueueFullError, normalize_request, split_groups
+from runtime.errors import OptionsError, RequestError, ShapeError, ShuttingDownError
 
 
 @pytest.fixture(scope="module")
@@ -103,6 +103,23 @@ def test_a_client_that_leaves_does_not_break_its_batch(pipe):
 def test_bad_request_is_refused_before_it_queues(pipe):
     (result,), stats = _serve(pipe, [ImageRequest("x", height=1024, width=64)])
     assert isinstance(result, ShapeError) and "64..256" in str(result) and stats.requests == 0
+    assert result.field == "height"
+    with pytest.raises(ShapeError) as err:
+        normalize_request(pipe, ImageRequest("x", height=64, width=100))
+    assert err.value.field == "width"
+    with pytest.raises(RequestError) as err:
+        normalize_request(pipe, ImageRequest("x", steps=0))
+    assert err.value.field == "steps"
+
+
+def test_defaults_come_from_the_family(pipe):
+    request = normalize_request(pipe, ImageRequest("x"))
+    assert (request.height, request.width, request.steps, request.guidance_scale) == (128, 128, 20, 7.5)
+
+
+def test_bad_batcher_options():
+    with pytest.raises(OptionsError, match="max_batch >= 1"):
+        Batcher(None, max_batch=0)
 
 
 def test_stop_finishes_what_is_queued_and_refuses_new_requests(pipe):
@@ -123,7 +140,7 @@ def test_stop_finishes_what_is_queued_and_refuses_new_requests(pipe):
         return [f.result().size for f in queued], late
 
     sizes, late = asyncio.run(main())
-    assert sizes == [(64, 64)] * 3 and "shutting down" in str(late)
+    assert sizes == [(64, 64)] * 3 and isinstance(late, ShuttingDownError) and "shutting down" in str(late)
 
 
 def test_a_request_without_scheduler_gets_the_artifacts_own_after_another_ran(pipe):

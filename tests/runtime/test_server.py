@@ -83,3 +83,44 @@ def test_full_queue_is_429_with_retry_after(pipe):
     assert 200 in codes and 429 in codes
     refused = next(r for r in responses if r.status_code == 429)
     assert int(refused.headers["retry-after"]) >= 1 and "queue is full" in refused.json()["detail"]
+
+
+@pytest.fixture
+def app_without_engines(tmp_path):
+    """The service over a stand-in pipeline whose batcher answers what the test says."""
+    import types
+
+    from tests.records import write_artifact
+
+    manifest = write_artifact(tmp_path / "a", {"name": "onnxruntime", "execution_provider": "CPUExecutionProvider"},
+                              ".onnx")
+    pipe = types.SimpleNamespace(manifest=manifest, scheduler=types.SimpleNamespace(config={}),
+                                 set_progress_bar_config=lambda **kw: None)
+    return create_app(None, ServeOptions(), pipe=pipe)
+
+
+@pytest.mark.parametrize("error, status, loc", [
+    ("shape", 422, "width"),
+    ("steps", 422, "steps"),
+    ("scheduler", 422, "scheduler"),
+    ("draining", 503, None),
+    ("engine", 500, None),
+])
+def test_statuses_follow_the_error_type(app_without_engines, error, status, loc):
+    from runtime.errors import RequestError, SchedulerError, ShapeError, ShuttingDownError
+
+    errors = {"shape": ShapeError("too wide", field="width"), "steps": RequestError("no steps", field="steps"),
+              "scheduler": SchedulerError("unknown scheduler 'x'"), "draining": ShuttingDownError("draining"),
+              "engine": RuntimeError("engine failed")}
+
+    async def submit(request):
+        raise errors[error]
+
+    app_without_engines.state.batcher.submit = submit
+    with TestClient(app_without_engines) as c:
+        r = c.post("/v1/images", json={"prompt": "x"})
+    assert r.status_code == status, r.text
+    detail = r.json()["detail"]
+    if loc:
+        assert detail[0]["loc"] == ["body", loc]
+    assert f'kiln_http_responses_total{{code="{status}"}} 1' in c.get("/metrics").text

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import types
 
 import pytest
@@ -12,9 +11,9 @@ import torch
 
 from runtime import trt_engine
 from runtime.errors import ArtifactError, ShapeError
-from runtime.manifest import load_manifest
 from runtime.trt_compat import TrtDevice, check_compatible, version_key
 from runtime.trt_engine import align, load_engines, max_io_nbytes, scratch_nbytes, tensor_nbytes
+from tests.records import component_info, write_artifact
 
 BUILT = {"name": "tensorrt", "version": "11.4.0.106", "gpu": "NVIDIA H200", "compute_capability": [9, 0],
          "hardware_compatibility_level": "none"}
@@ -70,7 +69,7 @@ def test_unknown_hardware_level_is_an_artifact_error():
 # ---- buffer arithmetic ----------------------------------------------------------------------------
 
 
-def test_buffer_arithmetic(tiny_artifact):
+def test_buffer_arithmetic():
     assert [align(n) for n in (0, 1, 256, 257)] == [0, 256, 256, 512]
     assert tensor_nbytes((2, 4, 16, 16), "float32") == 2 * 4 * 16 * 16 * 4
     assert tensor_nbytes((8, 77), "int32") == 8 * 77 * 4
@@ -80,7 +79,7 @@ def test_buffer_arithmetic(tiny_artifact):
     # engines that run one at a time share the largest need, not the sum
     assert scratch_nbytes({"text_encoder": 1000, "unet": 5000, "vae_decoder": 4097}) == 5120
     assert scratch_nbytes({}) == 0
-    unet = load_manifest(tiny_artifact).components["unet"]
+    unet = component_info("unet")
     # tiny at the profile's max: UNet batch 8 (4 images x 2 for guidance), 32x32 latents, 77x32 text
     sample = 8 * 4 * 32 * 32 * 4
     assert max_io_nbytes(unet) == sample + 8 * 4 + 8 * 77 * 32 * 4 + sample
@@ -89,20 +88,15 @@ def test_buffer_arithmetic(tiny_artifact):
 # ---- loading and driving, against the recording stand-in -------------------------------------------
 
 
-def _trt_artifact(tiny_artifact, tmp_path, fake, **engine_extra):
-    """tiny's manifest with a TensorRT backend record and stand-in plan files."""
-    folder = shutil.copytree(tiny_artifact, tmp_path / "trt")
-    manifest = json.loads((folder / "manifest.json").read_text())
-    manifest["backend"] = dict(BUILT)
+def _trt_artifact(tmp_path, fake, **engine_extra):
+    """A TensorRT artifact of tiny with stand-in plan files, each configured in the stand-in."""
+    manifest = write_artifact(tmp_path / "trt", dict(BUILT), ".plan")
     scratch = {"text_encoder": 3000, "unet": 70000, "vae_decoder": 50000, "vae_encoder": 100}
-    for name, c in manifest["components"].items():
-        c["file"] = f"{name}.plan"
-        (folder / c["file"]).write_bytes(name.encode())
-        io = {t["name"]: {"float32": "FLOAT", "int32": "INT32"}[t["dtype"]] for t in c["inputs"] + c["outputs"]}
+    for name, c in manifest.components.items():
+        io = {t.name: {"float32": "FLOAT", "int32": "INT32"}[t.dtype] for t in c.inputs + c.outputs}
         fake.state.engines[name.encode()] = {"name": name, "io": io, "scratch": scratch[name], **engine_extra,
                                              "output_shapes": {}}
-    (folder / "manifest.json").write_text(json.dumps(manifest))
-    return load_manifest(folder)
+    return manifest
 
 
 @pytest.fixture
@@ -114,8 +108,8 @@ def on_cpu(monkeypatch):
     monkeypatch.setattr(trt_engine, "_allocate_scratch", lambda n: torch.empty(max(n, 256), dtype=torch.uint8))
 
 
-def test_engines_share_one_scratch_sized_for_the_largest(fake_tensorrt, tiny_artifact, tmp_path, on_cpu):
-    manifest = _trt_artifact(tiny_artifact, tmp_path, fake_tensorrt)
+def test_engines_share_one_scratch_sized_for_the_largest(fake_tensorrt, tmp_path, on_cpu):
+    manifest = _trt_artifact(tmp_path, fake_tensorrt)
     names = ["text_encoder", "unet", "vae_decoder"]
     engines = load_engines(manifest.folder, manifest.backend, {n: manifest.components[n] for n in names},
                            cuda_graphs=False)
@@ -132,8 +126,8 @@ def test_engines_share_one_scratch_sized_for_the_largest(fake_tensorrt, tiny_art
     assert max(i for i, k in enumerate(kinds) if k == "deserialize_cuda_engine") < kinds.index("create_execution_context")
 
 
-def test_each_call_sets_shapes_and_addresses_then_enqueues(fake_tensorrt, tiny_artifact, tmp_path, on_cpu):
-    manifest = _trt_artifact(tiny_artifact, tmp_path, fake_tensorrt)
+def test_each_call_sets_shapes_and_addresses_then_enqueues(fake_tensorrt, tmp_path, on_cpu):
+    manifest = _trt_artifact(tmp_path, fake_tensorrt)
     fake_tensorrt.state.engines[b"text_encoder"]["output_shapes"] = {"text_embeddings": (2, 77, 32)}
     engine = load_engines(manifest.folder, manifest.backend, {"text_encoder": manifest.components["text_encoder"]},
                           cuda_graphs=False)["text_encoder"]
@@ -151,23 +145,23 @@ def test_each_call_sets_shapes_and_addresses_then_enqueues(fake_tensorrt, tiny_a
         engine(input_ids=torch.zeros(5, 77, dtype=torch.int64))
 
 
-def test_an_engine_whose_tensors_differ_from_the_manifest_is_refused(fake_tensorrt, tiny_artifact, tmp_path, on_cpu):
-    manifest = _trt_artifact(tiny_artifact, tmp_path, fake_tensorrt)
+def test_an_engine_whose_tensors_differ_from_the_manifest_is_refused(fake_tensorrt, tmp_path, on_cpu):
+    manifest = _trt_artifact(tmp_path, fake_tensorrt)
     fake_tensorrt.state.engines[b"unet"]["io"]["sample"] = "HALF"
     with pytest.raises(ArtifactError, match=r"differ from the manifest[\s\S]*sample\s+float32\s+float16"):
         load_engines(manifest.folder, manifest.backend, {"unet": manifest.components["unet"]})
 
 
-def test_incompatible_artifact_is_refused_before_deserializing(fake_tensorrt, tiny_artifact, tmp_path, on_cpu):
-    manifest = _trt_artifact(tiny_artifact, tmp_path, fake_tensorrt)
+def test_incompatible_artifact_is_refused_before_deserializing(fake_tensorrt, tmp_path, on_cpu):
+    manifest = _trt_artifact(tmp_path, fake_tensorrt)
     backend = {**manifest.backend, "version": "10.16.1.11"}
     with pytest.raises(ArtifactError, match="TensorRT 10.16.1.11 and this machine has TensorRT 11.4.0.106"):
         load_engines(manifest.folder, backend, {"unet": manifest.components["unet"]})
     assert not any(c[0] == "deserialize_cuda_engine" for c in fake_tensorrt.calls)
 
 
-def test_weight_streaming_budget(fake_tensorrt, tiny_artifact, tmp_path, on_cpu):
-    manifest = _trt_artifact(tiny_artifact, tmp_path, fake_tensorrt, streamable=10**6, scratch_streaming=90000)
+def test_weight_streaming_budget(fake_tensorrt, tmp_path, on_cpu):
+    manifest = _trt_artifact(tmp_path, fake_tensorrt, streamable=10**6, scratch_streaming=90000)
     unet = {"unet": manifest.components["unet"]}
     engines = load_engines(manifest.folder, manifest.backend, unet, weight_streaming_budget="auto")
     assert ("weight_streaming_budget_v2", "unet", 12345) in fake_tensorrt.calls
@@ -177,36 +171,29 @@ def test_weight_streaming_budget(fake_tensorrt, tiny_artifact, tmp_path, on_cpu)
     assert ("weight_streaming_budget_v2", "unet", 5 * 10**5) in fake_tensorrt.calls
 
 
-def test_weight_streaming_needs_an_engine_built_for_it(fake_tensorrt, tiny_artifact, tmp_path, on_cpu):
-    manifest = _trt_artifact(tiny_artifact, tmp_path, fake_tensorrt)
+def test_weight_streaming_needs_an_engine_built_for_it(fake_tensorrt, tmp_path, on_cpu):
+    manifest = _trt_artifact(tmp_path, fake_tensorrt)
     with pytest.raises(ArtifactError, match="not built for weight streaming; rebuild with --weight-streaming"):
         load_engines(manifest.folder, manifest.backend, {"unet": manifest.components["unet"]}, weight_streaming_budget=10**6)
 
 
-def test_loading_a_tensorrt_artifact_here_fails_with_the_reason(fake_tensorrt, tiny_artifact, tmp_path):
+def test_loading_a_tensorrt_artifact_here_fails_with_the_reason(fake_tensorrt, tmp_path):
     """No stand-in device: on a machine without CUDA the message says so (the real path)."""
     from runtime import load_pipeline
 
-    manifest = _trt_artifact(tiny_artifact, tmp_path, fake_tensorrt)
-    folder = manifest.folder
-    data = json.loads((folder / "manifest.json").read_text())
-    from runtime.manifest import file_entries
-
-    data["files"] = file_entries(folder, [p.relative_to(folder).as_posix() for p in folder.rglob("*")
-                                          if p.is_file() and p.name != "manifest.json"])
-    (folder / "manifest.json").write_text(json.dumps(data))
+    manifest = _trt_artifact(tmp_path, fake_tensorrt)
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA; the no-GPU message cannot be provoked")
     with pytest.raises(ArtifactError, match="TensorRT engines need a CUDA GPU, and torch sees none here"):
-        load_pipeline(folder)
+        load_pipeline(manifest.folder)
 
 
-def test_inspect_shows_the_tensorrt_record(fake_tensorrt, tiny_artifact, tmp_path):
+def test_inspect_shows_the_tensorrt_record(fake_tensorrt, tmp_path):
     from click.testing import CliRunner
 
-    from engines.cli import cli
+    from kiln.cli import cli
 
-    manifest = _trt_artifact(tiny_artifact, tmp_path, fake_tensorrt)
+    manifest = _trt_artifact(tmp_path, fake_tensorrt)
     data = json.loads((manifest.folder / "manifest.json").read_text())
     data["backend"].update(builder_optimization_level=3, workspace_bytes=None, tf32=False, refit="refit",
                            strip_plan=False, weight_streaming=True)
@@ -219,7 +206,7 @@ def test_inspect_shows_the_tensorrt_record(fake_tensorrt, tiny_artifact, tmp_pat
     assert "opt level 3, workspace TensorRT default, flags: weight_streaming, refit=refit" in r.output
 
 
-def test_cuda_graphs_capture_once_per_shape_and_replay(fake_tensorrt, tiny_artifact, tmp_path, on_cpu, monkeypatch):
+def test_cuda_graphs_capture_once_per_shape_and_replay(fake_tensorrt, tmp_path, on_cpu, monkeypatch):
     """Capture and replay order, with torch's graph API replaced by recorders (no CUDA here)."""
     import contextlib
 
@@ -237,7 +224,7 @@ def test_cuda_graphs_capture_once_per_shape_and_replay(fake_tensorrt, tiny_artif
 
     monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
     monkeypatch.setattr(torch.cuda, "graph", capture)
-    manifest = _trt_artifact(tiny_artifact, tmp_path, fake_tensorrt)
+    manifest = _trt_artifact(tmp_path, fake_tensorrt)
     spec = fake_tensorrt.state.engines[b"text_encoder"]
     spec["output_shapes"] = {"text_embeddings": (1, 77, 32)}
     engine = load_engines(manifest.folder, manifest.backend, {"text_encoder": manifest.components["text_encoder"]},

@@ -121,5 +121,5 @@ def test_manifest_describes_every_file(tiny_artifact):
     assert manifest.data["profile"]["shapes"]["height"] == [64, 128, 256]
     assert manifest.data["model"]["source"] == "builtin:tiny"
     assert len(manifest.data["model"]["weights_sha256"]) == 64
-    for name, c in manifest.data["components"].items():
+    for c in manifest.data["components"].values():
         assert c["precision"] == "fp32" and len(c["onnx_sha256"]) == 64 and c["build_seconds"] >= 0

@@ -7,7 +7,7 @@ import statistics
 import time
 from dataclasses import dataclass
 
-from runtime.errors import KilnError
+from runtime.errors import OptionsError, ServiceUnavailableError
 
 
 @dataclass(frozen=True)
@@ -20,13 +20,17 @@ class LoadOptions:
     width: int | None = None
     timeout: float = 300.0
 
+    def __post_init__(self):
+        if self.clients < 1 or self.requests < 1 or self.duration <= 0:
+            raise OptionsError(f"clients and requests must be >= 1 and duration > 0; got {self.clients}, "
+                               f"{self.requests}, {self.duration}")
+
 
 def percentile(values: list[float], q: float) -> float:
     """Nearest-rank percentile (q in 0..100) of a non-empty list."""
-    import math
+    import numpy as np
 
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, math.ceil(q / 100 * len(ordered)) - 1))]
+    return float(np.percentile(values, q, method="inverted_cdf"))
 
 
 async def _load(url: str, options: LoadOptions) -> dict:
@@ -59,7 +63,7 @@ async def _load(url: str, options: LoadOptions) -> dict:
         try:
             (await http.get(f"{url.rstrip('/')}/healthz")).raise_for_status()
         except httpx.HTTPError as exc:
-            raise KilnError(f"no kiln service answers at {url} ({exc}); start one with `kiln serve DIR`") from exc
+            raise ServiceUnavailableError(f"no kiln service answers at {url} ({exc}); start one with `kiln serve DIR`") from exc
         await asyncio.gather(*(client(i, http) for i in range(options.clients)))
     seconds = time.perf_counter() - started
     ok = len(latencies)
@@ -73,6 +77,4 @@ async def _load(url: str, options: LoadOptions) -> dict:
 
 
 def run_load(url: str, options: LoadOptions = LoadOptions()) -> dict:
-    if options.clients < 1 or options.requests < 1 or options.duration <= 0:
-        raise KilnError("clients and requests must be >= 1 and duration > 0")
     return asyncio.run(_load(url, options))

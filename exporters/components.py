@@ -1,0 +1,197 @@
+"""Component specs shared by the families: a CLIP text encoder, a UNet2DConditionModel (with the
+conditioning inputs its config asks for), and the VAE decoder and encoder. Each builder returns a
+frozen ComponentSpec with the exact module its graph is traced from; torch is imported only when
+a wrapper is built."""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from exporters.dims import ModelDims
+from exporters.specs import ComponentSpec, TensorSpec
+
+UNET_ADDED_CONDITIONS = ("text_embeds", "time_ids")  # passed to the UNet in added_cond_kwargs
+LATENT = ("latent_height", "latent_width")
+
+
+def config_of(attr: str) -> Callable[[Any], dict]:
+    """pipeline → the config of its `attr` model, as a plain dict (what the runtime shim carries)."""
+
+    def read(pipe) -> dict:
+        config = getattr(pipe, attr).config
+        return config.to_dict() if hasattr(config, "to_dict") else dict(config)
+
+    return read
+
+
+# ---- text encoder ---------------------------------------------------------------------------------
+
+
+def _wrap_clip_text(attr: str):
+    def wrap(pipe):
+        import torch
+
+        class TextEncoder(torch.nn.Module):
+            def __init__(self, text_encoder):
+                super().__init__()
+                self.text_encoder = text_encoder
+
+            def forward(self, input_ids):
+                return self.text_encoder(input_ids.to(torch.int64), return_dict=False)[0]
+
+        return TextEncoder(getattr(pipe, attr)).eval()
+
+    return wrap
+
+
+def clip_text_encoder(dims: ModelDims, name: str = "text_encoder") -> ComponentSpec:
+    """A CLIP text encoder's last hidden state, the text conditioning of SD 1.x/2.x."""
+    return ComponentSpec(
+        name=name,
+        inputs=(TensorSpec("input_ids", "int32", ("batch", dims.max_tokens), ("int", 0, dims.vocab_size)),),
+        outputs=(TensorSpec("text_embeddings", "float32", ("batch", dims.max_tokens, dims.text_hidden_size)),),
+        wrap=_wrap_clip_text(name),
+        config_of=config_of(name),
+        atol=1e-4,
+        rtol=1e-4,
+        module=name,
+    )
+
+
+# ---- UNet -----------------------------------------------------------------------------------------
+
+
+def _wrap_unet(condition_names: tuple[str, ...]):
+    def wrap(pipe):
+        import inspect
+
+        import torch
+
+        class UNet(torch.nn.Module):
+            """(sample, timestep, text, *conditions) → the UNet's output; conditions are passed as
+            timestep_cond or in added_cond_kwargs, by name."""
+
+            def __init__(self, unet):
+                super().__init__()
+                self.unet = unet
+
+            def forward(self, sample, timestep, encoder_hidden_states, *conditions):
+                named = dict(zip(condition_names, conditions))
+                added = {k: named.pop(k) for k in UNET_ADDED_CONDITIONS if k in named}
+                return self.unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=added or None,
+                                 return_dict=False, **named)[0]
+
+        # The exporter names graph inputs (and their dynamic axes) after forward's parameters:
+        # give the conditions parameters of their own names (PEP 362 __signature__).
+        positional = inspect.Parameter.POSITIONAL_OR_KEYWORD
+        UNet.forward.__signature__ = inspect.Signature([
+            inspect.Parameter(n, positional)
+            for n in ("self", "sample", "timestep", "encoder_hidden_states", *condition_names)])
+        return UNet(pipe.unet).eval()
+
+    return wrap
+
+
+def _unet_feed(condition_names: tuple[str, ...]) -> Callable[[dict], dict]:
+    def feed(call: dict) -> dict:
+        """Bound arguments of a UNet2DConditionModel call → its ONNX inputs as float32 arrays."""
+        import torch
+
+        sample = call["sample"]
+        t = torch.as_tensor(call["timestep"], dtype=torch.float32).reshape(-1).expand(sample.shape[0])
+        added = call.get("added_cond_kwargs") or {}
+        values = {"sample": sample, "timestep": t, "encoder_hidden_states": call["encoder_hidden_states"],
+                  **{n: added[n] if n in UNET_ADDED_CONDITIONS else call[n] for n in condition_names}}
+        return {n: v.detach().float().cpu().numpy().copy() for n, v in values.items()}
+
+    return feed
+
+
+def unet(dims: ModelDims) -> ComponentSpec:
+    """A UNet2DConditionModel denoiser; the batch axis doubles under classifier-free guidance."""
+    latent = ("unet_batch", dims.unet_in_channels, *LATENT)
+    conditions = tuple(TensorSpec(n, "float32", ("unet_batch", width)) for n, width in dims.unet_conditions)
+    names = tuple(t.name for t in conditions)
+    return ComponentSpec(
+        name="unet",
+        inputs=(
+            TensorSpec("sample", "float32", latent),
+            TensorSpec("timestep", "float32", ("unet_batch",), ("uniform", 0.0, 999.0)),
+            TensorSpec("encoder_hidden_states", "float32", ("unet_batch", dims.max_tokens, dims.text_hidden_size)),
+            *conditions,
+        ),
+        outputs=(TensorSpec("model_output", "float32", ("unet_batch", dims.latent_channels, *LATENT)),),
+        wrap=_wrap_unet(names),
+        config_of=config_of("unet"),
+        atol=1e-4,
+        rtol=1e-4,
+        module="unet",
+        feed_from_call=_unet_feed(names),
+    )
+
+
+# ---- VAE ------------------------------------------------------------------------------------------
+
+
+def _wrap_vae_decoder(pipe):
+    import torch
+
+    class VaeDecoder(torch.nn.Module):
+        def __init__(self, vae):
+            super().__init__()
+            self.vae = vae
+
+        def forward(self, latent):
+            return self.vae.decode(latent, return_dict=False)[0]
+
+    return VaeDecoder(pipe.vae).eval()
+
+
+def _wrap_vae_encoder(pipe):
+    import torch
+
+    class VaeEncoder(torch.nn.Module):
+        """Returns the latent distribution's parameters (mean ‖ log-variance); the runtime
+        samples from them with the caller's generator, as diffusers' img2img does."""
+
+        def __init__(self, vae):
+            super().__init__()
+            self.vae = vae
+
+        def forward(self, image):
+            return self.vae.encode(image).latent_dist.parameters
+
+    return VaeEncoder(pipe.vae).eval()
+
+
+def _pixels(dims: ModelDims) -> tuple[str, str]:
+    f = dims.vae_scale_factor
+    return f"{f}*latent_height", f"{f}*latent_width"
+
+
+def vae_decoder(dims: ModelDims) -> ComponentSpec:
+    """AutoencoderKL.decode on latents already divided by scaling_factor."""
+    return ComponentSpec(
+        name="vae_decoder",
+        inputs=(TensorSpec("latent", "float32", ("batch", dims.latent_channels, *LATENT)),),
+        outputs=(TensorSpec("images", "float32", ("batch", 3, *_pixels(dims))),),
+        wrap=_wrap_vae_decoder,
+        config_of=config_of("vae"),
+        atol=1e-4,
+        rtol=5e-4,
+        module="vae",
+    )
+
+
+def vae_encoder(dims: ModelDims) -> ComponentSpec:
+    """AutoencoderKL.encode → the latent distribution's mean and log-variance."""
+    return ComponentSpec(
+        name="vae_encoder",
+        inputs=(TensorSpec("image", "float32", ("batch", 3, *_pixels(dims)), ("uniform", -1.0, 1.0)),),
+        outputs=(TensorSpec("latent_parameters", "float32", ("batch", 2 * dims.latent_channels, *LATENT)),),
+        wrap=_wrap_vae_encoder,
+        config_of=config_of("vae"),
+        atol=1e-4,
+        rtol=5e-4,
+        module="vae",
+    )

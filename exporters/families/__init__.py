@@ -1,0 +1,93 @@
+"""The export side of the model families (design.md §8): a model folder's diffusers pipeline class
+→ the Family that knows its components. One module per family defines FAMILY; this registry maps
+pipeline classes to them, so that a new family touches no other family's module.
+
+The runtime side (runtime/families/) assembles the engine pipeline of the same family name, and
+owns which components each task needs and which one is the denoiser."""
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from exporters.dims import ModelDims
+from exporters.specs import ComponentSpec
+from runtime.errors import ModelSourceError
+
+# the modules defining FAMILY, in the order their pipeline classes are listed to users
+FAMILY_MODULES = ("exporters.families.sd",)
+_REGISTERED: dict[str, Family] = {}
+
+
+@dataclass(frozen=True)
+class Family:
+    """What exporting a family of diffusers pipelines needs.
+
+    name: recorded as the manifest's `model.family`; the runtime family of that name loads it.
+    pipeline_classes: the model_index.json `_class_name`s this family accepts.
+    folder_components: the model folder's subfolders that must exist (and that the weights hash covers).
+    read_dims: model folder → ModelDims (shapes, and UNet features detected from its config).
+    component_specs: ModelDims → {component: ComponentSpec}, with their tracing wrappers.
+    load_pipeline: model folder → the PyTorch pipeline (fp32, eval).
+    record_calibration: (pipe, denoiser spec, prompts, profile, steps, seed) → per prompt, the
+        denoiser's real inputs while the pipeline denoises.
+    assets: folders saved beside the graphs for the runtime (tokenizers, scheduler), from the pipeline.
+    """
+
+    name: str
+    pipeline_classes: tuple[str, ...]
+    folder_components: tuple[str, ...]
+    read_dims: Callable[[Path], ModelDims]
+    component_specs: Callable[[ModelDims], dict[str, ComponentSpec]]
+    load_pipeline: Callable[[Path], Any]
+    record_calibration: Callable[..., list]
+    assets: tuple[str, ...] = ("tokenizer", "scheduler")
+
+    @property
+    def tasks(self) -> Mapping[str, tuple[str, ...]]:
+        """Task → components, as the runtime family of this name declares them."""
+        return self._runtime().tasks
+
+    @property
+    def denoiser(self) -> str:
+        """The component int8 calibrates and classifier-free guidance doubles (the runtime family's)."""
+        return self._runtime().denoiser
+
+    def _runtime(self):
+        from runtime import families
+
+        return families.get(self.name)
+
+
+def register(family: Family) -> None:
+    """Add (or replace) a family by name; for families defined outside this package."""
+    _REGISTERED[family.name] = family
+
+
+def all_families() -> list[Family]:
+    found = {f.name: f for f in (importlib.import_module(m).FAMILY for m in FAMILY_MODULES)}
+    return list({**found, **_REGISTERED}.values())
+
+
+def supported_pipelines() -> list[str]:
+    return [c for f in all_families() for c in f.pipeline_classes]
+
+
+def family_for(pipeline_class: str, source: str) -> Family:
+    """The family that exports `pipeline_class`; an unsupported class names the supported ones."""
+    for family in reversed(all_families()):  # registered families may take over a class
+        if pipeline_class in family.pipeline_classes:
+            return family
+    raise ModelSourceError(
+        f"{source} is a {pipeline_class}, which kiln does not support yet. "
+        f"Supported pipeline classes: {', '.join(supported_pipelines())}"
+    )
+
+
+def get(name: str) -> Family:
+    for family in all_families():
+        if family.name == name:
+            return family
+    raise ModelSourceError(f"unknown model family {name!r}; known: {', '.join(f.name for f in all_families())}")

@@ -1,0 +1,146 @@
+"""`kiln export`, `kiln build` and `kiln inspect`: MODEL → checked ONNX → engines, and what an
+artifact folder holds."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import click
+
+from kiln.params import export_options, tensorrt_options
+from runtime.errors import format_table
+
+
+@click.command()
+@click.argument("model")
+@click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Export folder to write.")
+@export_options
+@click.option("--int8-recipe", type=click.Choice(["tensorrt", "ort-cpu"]), default="tensorrt", show_default=True,
+              help="int8 recipe when the profile says auto: TensorRT's (symmetric) or ONNX Runtime CPU's (U8S8).")
+def export(model: str, out: Path, profile: str | None, exporter: str, precision, calibration_prompts, int8_recipe,
+           check: str):
+    """Export MODEL's components to checked ONNX graphs in OUT (portable: build engines anywhere from it)."""
+    from exporters.export import ExportOptions, export_model
+    from exporters.resolve import resolve_model
+
+    options = ExportOptions(exporter=exporter, check_points=check, precision=precision,
+                            calibration_prompts=calibration_prompts, int8_target=int8_recipe)
+    source, resolved = resolve_model(model, profile)
+    export_model(source, resolved, out, options)
+    click.echo(f"exported {model} to {out}")
+
+
+
+@click.command()
+@click.argument("model")
+@click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Artifact folder to write.")
+@click.option("--backend", type=click.Choice(["auto", "onnxruntime", "tensorrt"]), default="auto", show_default=True,
+              help="auto: TensorRT when it imports and a CUDA GPU exists, else onnxruntime (CUDA, then CPU).")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None,
+              help="onnxruntime execution provider (cuda needs onnxruntime-gpu); default: what the backend choice found.")
+@export_options
+@tensorrt_options
+@click.option("--force", is_flag=True, help="Rebuild even when the inputs are unchanged.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def build(model: str, out: Path, backend: str, device, profile: str | None, exporter: str, precision,
+          calibration_prompts, check: str, workspace_gib, optimization_level, hardware_compat, tf32, refit, strip_plan,
+          weight_streaming, force: bool, as_json: bool):
+    """Build engines for MODEL (or a folder made by `kiln export`) into the artifact folder OUT."""
+    from engines.build import BuildOptions, build_from_export, build_from_model, int8_target, resolve_options
+    from engines.trt_backend import TrtOptions
+
+    trt_options = TrtOptions(workspace_gib=workspace_gib, optimization_level=optimization_level,
+                             hardware_compat=hardware_compat, tf32=tf32, refit=refit, strip_plan=strip_plan,
+                             weight_streaming=weight_streaming)
+    options = resolve_options(BuildOptions(backend=backend, device=device, force=force, tensorrt=trt_options))
+    started = time.perf_counter()
+    if (Path(model) / "export.json").is_file():
+        if profile or precision or calibration_prompts:
+            raise click.UsageError("--profile, --precision and --calibration-prompts apply when exporting; "
+                                   "this export folder already fixed them")
+        result = build_from_export(Path(model), out, options)
+    else:
+        from exporters.export import ExportOptions
+
+        export_options = ExportOptions(exporter=exporter, check_points=check, precision=precision,
+                                       calibration_prompts=calibration_prompts, int8_target=int8_target(options))
+        result = build_from_model(model, out, options, profile, export_options)
+    seconds = time.perf_counter() - started
+    if as_json:
+        click.echo(json.dumps({"folder": str(result.folder), "skipped": result.skipped, "build_key": result.build_key,
+                               "backend": options.backend, "device": options.device, "seconds": round(seconds, 2)}))
+    elif result.skipped:
+        click.echo(f"{out} is up to date; skipped (build key {result.build_key[:12]}). Use --force to rebuild")
+    else:
+        click.echo(f"built {out} ({options.backend}, {options.device}) in {seconds:.1f} s")
+
+
+@click.command()
+@click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest and report as JSON.")
+def inspect(folder: Path, as_json: bool):
+    """Show an artifact folder's manifest: model, backend, shape ranges, engines and parity."""
+    from runtime.manifest import REPORT_FILE, load_manifest
+
+    manifest = load_manifest(folder)
+    report_path = folder / REPORT_FILE
+    report = json.loads(report_path.read_text(encoding="utf-8")) if report_path.is_file() else {}
+    if as_json:
+        click.echo(json.dumps({"manifest": manifest.data, "report": report}, indent=2))
+        return
+    d = manifest.data
+    b, shapes = d["backend"], d["profile"]["shapes"]
+    summary = [
+        ("model", d["model"]["source"]),
+        ("pipeline", f"{d['model']['pipeline_class']} ({manifest.family} family)"),
+        ("weights sha256", d["model"]["weights_sha256"][:16]),
+        ("backend", f"{b['name']} {b['version']} ({b.get('execution_provider') or b.get('gpu', '-')})"),
+        *_tensorrt_rows(b),
+        ("batch", "min {} / opt {} / max {}".format(*shapes["batch"])),
+        ("height", "min {} / opt {} / max {} (multiple of {})".format(*shapes["height"], manifest.size_multiple)),
+        ("width", "min {} / opt {} / max {}".format(*shapes["width"])),
+        ("format / kiln", f"{d['format_version']} / {d['kiln_version']}"),
+        ("created", d.get("created", "?")),
+        ("build key", d.get("build_key", "?")[:16]),
+    ]
+    click.echo(format_table(["field", "value"], summary))
+    click.echo()
+    rows = []
+    for name, c in d["components"].items():
+        size = sum((folder / f).stat().st_size for f in c["files"] if (folder / f).is_file())
+        export_err = max((r["max_abs_err"] for r in report.get("export_parity", {}).get(name, [])), default=float("nan"))
+        engine_err = max((r["max_abs_err"] for r in report.get("engine_parity", {}).get(name, [])), default=float("nan"))
+        io = ", ".join(f"{t['name']} {_dims(t['min'])}..{_dims(t['max'])}" for t in c["inputs"])
+        measured = report.get("quality", {}).get("components", {}).get(name, {})
+        cosines = [m["cosine"] for m in measured.values() if isinstance(m, dict) and "cosine" in m]
+        vs_fp32 = f"{min(cosines):.5f}" if cosines else "-"
+        precision = c["precision"] + (f" ({c['int8']['recipe']})" if "int8" in c else "")
+        rows.append((name, c["file"], precision, f"{size / 2**20:.1f}", c["build_seconds"], export_err, engine_err,
+                     vs_fp32, io))
+    click.echo(format_table(["component", "file", "precision", "MiB", "build s", "onnx err", "engine err",
+                             "cos vs fp32", "inputs (min..max)"], rows))
+    pipeline = report.get("quality", {}).get("pipeline")
+    if pipeline:
+        value = "identical" if pipeline["psnr_db"] is None else f"{pipeline['psnr_db']:.1f} dB"
+        click.echo(f"\nimages vs fp32 engines: PSNR {value} (worst of {len(pipeline['per_image_psnr_db'])}, "
+                   f"{pipeline['steps']} steps, {pipeline['size'][0]}x{pipeline['size'][1]})")
+
+
+def _tensorrt_rows(b: dict) -> list[tuple[str, str]]:
+    if b.get("name") != "tensorrt":
+        return []
+    cc = ".".join(map(str, b["compute_capability"]))
+    flags = [f for f in ("tf32", "strip_plan", "weight_streaming") if b.get(f)]
+    flags += [f"refit={b['refit']}"] if b.get("refit", "off") != "off" else []
+    workspace = "TensorRT default" if b.get("workspace_bytes") is None else f"{b['workspace_bytes'] / 2**30:.1f} GiB"
+    return [
+        ("GPU", f"{b['gpu']} (compute capability {cc})"),
+        ("hardware compat", b.get("hardware_compatibility_level", "none")),
+        ("TensorRT build", f"opt level {b.get('builder_optimization_level')}, workspace {workspace}, "
+                           f"flags: {', '.join(flags) or 'none'}"),
+    ]
+
+
+def _dims(shape) -> str:
+    return "x".join(map(str, shape))

@@ -1,0 +1,189 @@
+"""`kiln generate`, `kiln bench`, `kiln serve` and `kiln loadtest`: running what was built."""
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from kiln.params import ByteSize, CommaList
+from runtime.errors import format_table
+
+
+@click.command()
+@click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("prompt")
+@click.option("--negative-prompt", default=None)
+@click.option("--steps", default=None, type=click.IntRange(1, 1000), help="Default: the model family's (SD: 20).")
+@click.option("--guidance", "guidance_scale", default=None, type=float, help="Default: the model family's (SD: 7.5).")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--height", default=None, type=int, help="Pixels; default: the model's native size.")
+@click.option("--width", default=None, type=int, help="Pixels; default: the model's native size.")
+@click.option("--num-images", default=1, show_default=True, type=click.IntRange(1, 64))
+@click.option("--scheduler", default=None,
+              help="ddim, pndm, euler, euler-a, dpm++2m, dpm++2m-karras, unipc, lms, or a diffusers class name.")
+@click.option("--init-image", type=click.Path(exists=True, dir_okay=False), help="Image for img2img (sets the size).")
+@click.option("--strength", default=0.75, show_default=True, type=click.FloatRange(0, 1), help="img2img strength.")
+@click.option("--no-cuda-graphs", is_flag=True, help="TensorRT: enqueue every step instead of replaying CUDA graphs.")
+@click.option("--weight-streaming-budget", default=None, type=ByteSize(keywords=("auto",)),
+              help="TensorRT: bytes of weights kept on the GPU per engine (e.g. 2e9 or 2GiB), or 'auto'.")
+@click.option("-o", "--output", default="out.png", show_default=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print what was written as JSON.")
+def generate(folder: Path, prompt: str, negative_prompt, steps, guidance_scale, seed, height, width, num_images,
+             scheduler, init_image, strength, no_cuda_graphs, weight_streaming_budget, output: Path, as_json: bool):
+    """Generate an image from PROMPT with the engines in FOLDER."""
+    import torch
+
+    from runtime import families, load_pipeline
+    from runtime.schedulers import scheduler_from_name
+
+    started = time.perf_counter()
+    pipe = load_pipeline(folder, task="img2img" if init_image else "text2img", cuda_graphs=not no_cuda_graphs,
+                         weight_streaming_budget=weight_streaming_budget)
+    defaults = families.get(pipe.manifest.family).request_defaults
+    steps = defaults["steps"] if steps is None else steps
+    guidance_scale = defaults["guidance_scale"] if guidance_scale is None else guidance_scale
+    if scheduler:
+        pipe.scheduler = scheduler_from_name(scheduler, pipe.scheduler.config)
+    args = dict(prompt=prompt, negative_prompt=negative_prompt, num_inference_steps=steps, guidance_scale=guidance_scale,
+                num_images_per_prompt=num_images, generator=torch.Generator("cpu").manual_seed(seed))
+    if init_image:
+        from PIL import Image
+
+        args.update(image=Image.open(init_image).convert("RGB"), strength=strength)
+    else:
+        args.update(height=height, width=width)
+    with contextlib.redirect_stdout(sys.stderr):
+        images = pipe(**args).images
+    paths = []
+    for i, image in enumerate(images):
+        path = output if len(images) == 1 else output.with_name(f"{output.stem}-{i}{output.suffix}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        image.save(path)
+        paths.append(path)
+    seconds = time.perf_counter() - started
+    if as_json:
+        click.echo(json.dumps({"images": [str(p) for p in paths], "size": list(images[0].size), "steps": steps,
+                               "seed": seed, "seconds": round(seconds, 3)}))
+    else:
+        w, h = images[0].size
+        click.echo(f"wrote {', '.join(map(str, paths))} ({w}x{h}, {steps} steps, {pipe.scheduler.__class__.__name__}, "
+                   f"{seconds:.1f} s)")
+
+
+@click.command()
+@click.argument("folders", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--baseline", type=click.Choice(["torch", "torch-compile", "none"]), default="torch", show_default=True,
+              help="diffusers' PyTorch pipeline on the same weights, eager or with torch.compile on the UNet.")
+@click.option("--batch", "batches", default="1", show_default=True, type=CommaList(click.IntRange(min=1)),
+              help="Batch sizes, comma-separated (e.g. 1,2,4); with --unet-step, the UNet's own batch.")
+@click.option("--steps", default=20, show_default=True, type=click.IntRange(1, 1000))
+@click.option("--runs", default=3, show_default=True, type=click.IntRange(1, 1000), help="Timed runs per pipeline and batch.")
+@click.option("--height", default=None, type=int, help="Pixels; default: the profile's opt.")
+@click.option("--width", default=None, type=int, help="Pixels; default: the profile's opt.")
+@click.option("--schedulers", "sweep", is_flag=True,
+              help="Instead: DDIM, Euler a, DPM++ 2M Karras (and LCM where the model has it) at several step counts, "
+                   "time against PSNR from a 50-step DDIM image.")
+@click.option("--step-counts", default="5,10,20,30", show_default=True, type=CommaList(click.IntRange(min=1)),
+              help="--schedulers: step counts.")
+@click.option("--reference-steps", default=50, show_default=True, type=click.IntRange(1, 1000),
+              help="--schedulers: DDIM steps of the reference image.")
+@click.option("--unet-step", "unet_step", is_flag=True,
+              help="Instead: one UNet step of each FOLDER's engine (e.g. fp32, fp16, int8 builds), alternating.")
+@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), help="Write a PNG plot (needs matplotlib).")
+@click.option("--save", type=click.Path(dir_okay=False, path_type=Path), help="Also write the JSON report to this file.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def bench(folders, baseline, batches, steps, runs, height, width, sweep, step_counts, reference_steps, unet_step, plot,
+          save, as_json):
+    """Benchmark the engines in FOLDERS: against PyTorch per stage (one folder), the scheduler sweep,
+    or one UNet step of several artifacts side by side (--unet-step)."""
+    from kiln.bench import report as fmt
+    from kiln.bench.run import BenchOptions, run_bench, scheduler_sweep
+    from kiln.bench.unet_step import unet_step_bench
+
+    if sweep and unet_step:
+        raise click.UsageError("--schedulers and --unet-step are different benchmarks; pick one")
+    if len(folders) > 1 and not unet_step:
+        raise click.UsageError("several FOLDERS are compared only with --unet-step")
+    options = BenchOptions(baseline="none" if sweep or unet_step else baseline, batches=batches, steps=steps,
+                           runs=runs, height=height, width=width)
+    draw = None
+    if unet_step:
+        report, text = unet_step_bench(folders, options), fmt.format_unet_steps
+    elif sweep:
+        report = scheduler_sweep(folders[0], step_counts, reference_steps, options)
+        text, draw = fmt.format_sweep, fmt.plot_sweep
+    else:
+        report = run_bench(folders[0], options)
+        text, draw = fmt.format_report, fmt.plot_report
+    if plot:
+        if draw is None:
+            raise click.UsageError("--plot draws the stage benchmark and the scheduler sweep, not --unet-step")
+        draw(report, plot)
+    if save:
+        save.write_text(json.dumps(report, indent=2), encoding="utf-8")
+    click.echo(json.dumps(report, indent=2) if as_json else text(report))
+    if plot and not as_json:
+        click.echo(f"\nplot: {plot}")
+
+
+@click.command()
+@click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--max-batch", default=8, show_default=True, type=click.IntRange(1, 1024),
+              help="Requests per engine call (capped at the artifact's max batch); 1 turns batching off.")
+@click.option("--max-wait-ms", default=100, show_default=True, type=click.IntRange(0, 60000),
+              help="How long the first request of a batch waits for others.")
+@click.option("--max-queue", default=64, show_default=True, type=click.IntRange(1, 100000),
+              help="Waiting requests beyond which new ones get 429.")
+@click.option("--ray", "use_ray", is_flag=True, help="Serve on Ray Serve instead (one replica per device).")
+@click.option("--replicas", default=1, show_default=True, type=click.IntRange(1, 1024), help="--ray: replicas.")
+def serve(folder: Path, host, port, max_batch, max_wait_ms, max_queue, use_ray, replicas):
+    """Serve the engines in FOLDER over HTTP: POST /v1/images, GET /healthz, GET /metrics."""
+    if use_ray:
+        from runtime.lazy import lazy_import
+
+        ray_serve = lazy_import("ray.serve", install="pip install 'kiln[serve]'")
+        from runtime.ray_serve import kiln_app
+
+        ray_serve.start(http_options={"host": host, "port": port})
+        ray_serve.run(kiln_app(str(folder), max_batch, max_wait_ms / 1000, replicas), route_prefix="/v1/images",
+                      blocking=True)
+        return
+    from runtime.lazy import lazy_import
+    from runtime.server import ServeOptions
+    from runtime.server import serve as run_server
+
+    lazy_import("fastapi", install="pip install 'kiln[serve]'").load()
+    run_server(folder, ServeOptions(host, port, max_batch, max_wait_ms / 1000, max_queue))
+
+
+@click.command()
+@click.argument("url")
+@click.option("--clients", default=8, show_default=True, type=click.IntRange(1, 1024))
+@click.option("--requests", "n_requests", default=64, show_default=True, type=click.IntRange(1, 10**6),
+              help="Requests in all, across clients.")
+@click.option("--duration", default=120.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Seconds; the test stops at whichever bound comes first.")
+@click.option("--steps", default=4, show_default=True, type=click.IntRange(1, 1000))
+@click.option("--height", default=None, type=int)
+@click.option("--width", default=None, type=int)
+@click.option("--json", "as_json", is_flag=True)
+def loadtest(url, clients, n_requests, duration, steps, height, width, as_json):
+    """Concurrent clients against a kiln service at URL: throughput and p50/p95/p99 latency."""
+    from kiln.loadtest import LoadOptions, run_load
+
+    report = run_load(url, LoadOptions(clients, n_requests, duration, steps, height, width))
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    lat = report["latency_s"] or {}
+    rows = [("clients", report["clients"]), ("requests (ok)", f"{report['requests']} ({report['ok']})"),
+            ("status codes", report["status_codes"]), ("seconds", f"{report['seconds']:.1f}"),
+            ("images/s", f"{report['throughput_images_per_s']:.2f}")]
+    rows += [(f"latency {k}", f"{v:.2f} s") for k, v in lat.items()]
+    click.echo(format_table(["measure", "value"], rows))

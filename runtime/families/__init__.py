@@ -1,0 +1,57 @@
+"""The runtime side of the model families: manifest `model.family` → the module that assembles its
+pipeline. Family modules are imported on first use (they import diffusers), so this registry is
+cheap to import; a new family is one module and one entry in FAMILY_MODULES (or `register`)."""
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from runtime.errors import ArtifactError
+
+# family name → the module defining FAMILY (a RuntimeFamily)
+FAMILY_MODULES: dict[str, str] = {"sd": "runtime.families.sd"}
+_REGISTERED: dict[str, RuntimeFamily] = {}
+
+
+@dataclass(frozen=True)
+class RuntimeFamily:
+    """What the runtime needs of a family.
+
+    tasks: task name → the components (engines) it runs, e.g. text2img → text_encoder, unet, vae_decoder;
+        the first task is the family's main one (what quality checks and benchmarks run).
+    assemble: (task, manifest, engines) → the pipeline, a subclass of the family's diffusers class.
+    denoiser: the component the scheduler loop calls every step (int8 calibrates it, guidance doubles it).
+    request_defaults: what a service request leaves out (steps, guidance_scale) for this family.
+    """
+
+    name: str
+    tasks: Mapping[str, tuple[str, ...]]
+    assemble: Callable[[str, Any, Mapping[str, Any]], Any]
+    denoiser: str = "unet"
+    request_defaults: Mapping[str, Any] = field(default_factory=lambda: {"steps": 20, "guidance_scale": 7.5})
+
+    def components(self, task: str) -> tuple[str, ...]:
+        if task not in self.tasks:
+            raise ArtifactError(f"task must be one of {', '.join(self.tasks)} for {self.name} artifacts, got {task!r}")
+        return self.tasks[task]
+
+
+def register(family: RuntimeFamily) -> None:
+    """Add (or replace) a family by name; for families defined outside this package."""
+    _REGISTERED[family.name] = family
+
+
+def names() -> list[str]:
+    return sorted(set(FAMILY_MODULES) | set(_REGISTERED))
+
+
+def get(name: str) -> RuntimeFamily:
+    """The runtime family recorded in a manifest; an unknown one names those this kiln knows."""
+    if name in _REGISTERED:
+        return _REGISTERED[name]
+    if name not in FAMILY_MODULES:
+        raise ArtifactError(f"model family {name!r} is not one this runtime can load ({', '.join(names())}); "
+                            "upgrade kiln or rebuild the artifact")
+    return importlib.import_module(FAMILY_MODULES[name]).FAMILY

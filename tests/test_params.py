@@ -1,0 +1,47 @@
+"""The click parameter types kiln's commands share: comma lists and byte sizes."""
+from __future__ import annotations
+
+import click
+import pytest
+from click.testing import CliRunner
+
+from kiln.params import ByteSize, CommaList
+
+
+@click.command()
+@click.option("--batch", type=CommaList(click.IntRange(min=1)), default="1")
+@click.option("--budget", type=ByteSize(keywords=("auto",)), default=None)
+def probe(batch, budget):
+    click.echo(repr((batch, budget)))
+
+
+def _run(*args):
+    return CliRunner().invoke(probe, list(args))
+
+
+@pytest.mark.parametrize("args, expected", [
+    ((), ((1,), None)),
+    (("--batch", "1,2,4"), ((1, 2, 4), None)),
+    (("--batch", " 2 , 8 ,"), ((2, 8), None)),
+    (("--budget", "2e9"), ((1,), 2_000_000_000)),
+    (("--budget", "512MiB"), ((1,), 512 * 2**20)),
+    (("--budget", "1.5 GB"), ((1,), 1_500_000_000)),
+    (("--budget", "4096"), ((1,), 4096)),
+    (("--budget", "auto"), ((1,), "auto")),
+])
+def test_values_convert(args, expected):
+    r = _run(*args)
+    assert r.exit_code == 0, r.output
+    assert r.output.strip() == repr(expected)
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--batch", "1,x"), "Invalid value for '--batch': expected comma-separated integers such as 1,2,4"),
+    (("--batch", "0"), "Invalid value for '--batch'"),
+    (("--batch", ","), "expected at least 1 comma-separated integers"),
+    (("--budget", "lots"), "Invalid value for '--budget': expected a size in bytes such as 2e9, 512MiB or 2GB or 'auto'"),
+    (("--budget", "2 parsecs"), "Invalid value for '--budget'"),
+])
+def test_bad_values_name_the_option(args, message):
+    r = _run(*args)
+    assert r.exit_code == 2 and message in r.output, r.output
