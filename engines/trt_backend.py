@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from runtime.errors import BuildError, format_table
-from runtime.files import atomic_write_bytes, cache_lock, kiln_cache_dir
+from runtime.files import atomic_write_bytes, kiln_cache_dir
 from runtime.trt_plumbing import last_errors, parser_errors, trt, trt_logger
 
 log = logging.getLogger(__name__)
@@ -195,8 +195,7 @@ def _load_timing_cache(config, path: Path):
 
 def _save_timing_cache(cache, path: Path) -> None:
     data = bytes(cache.serialize())
-    with cache_lock(path):  # one writer at a time; readers see the old cache or the new, never half
-        atomic_write_bytes(path, data)
+    atomic_write_bytes(path, data)  # a concurrent build reads the old cache or the new, never half of one
     log.debug("TensorRT timing cache saved: %s (%.1f KiB)", path, len(data) / 1024)
 
 

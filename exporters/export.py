@@ -26,7 +26,7 @@ from exporters.check import POINTS, check_against_torch, parity_table
 from exporters.lowering import FP32_DIR, lower_precision, pipeline_quality
 from exporters.onnx_io import EXTERNAL_DATA_THRESHOLD, save_onnx
 from exporters.passes import PassContext, run_passes
-from exporters.profile import Profile
+from exporters.profile import Profile, bind_family
 from exporters.source import ModelSource
 from exporters.specs import ComponentSpec, dynamic_axes, sample_inputs, tensor_ranges
 from runtime.errors import ExportError
@@ -63,7 +63,7 @@ class ExportOptions:
 
     def components_of(self, source: ModelSource) -> tuple[str, ...]:
         """The components to export: those asked for, which must be the family's, or all of them."""
-        valid = tuple(source.family.component_specs(source.dims))
+        valid = source.family.components
         if self.components is None:
             return valid
         unknown = [c for c in self.components if c not in valid]
@@ -77,7 +77,7 @@ def export_key(source: ModelSource, profile: Profile, options: ExportOptions) ->
     import onnx
     import torch
 
-    profile = profile.with_precision(options.precision)
+    profile = _resolved(source, profile, options)
     identity = {
         "weights": source.weights_sha256,
         "profile": profile.to_dict() | {"name": None},
@@ -87,6 +87,12 @@ def export_key(source: ModelSource, profile: Profile, options: ExportOptions) ->
         "format": EXPORT_FORMAT,
     }
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
+def _resolved(source: ModelSource, profile: Profile, options: ExportOptions) -> Profile:
+    """The profile bound to the model's family (a no-op when resolve_model did it), at --precision."""
+    family = source.family
+    return bind_family(profile, family.components, family.denoiser).with_precision(options.precision)
 
 
 def _identity_options(source: ModelSource, profile: Profile, options: ExportOptions) -> dict[str, Any]:
@@ -110,7 +116,7 @@ def export_model(source: ModelSource, profile: Profile, out_dir: Path, options: 
     family = source.family
     names = options.components_of(source)
     key = key or export_key(source, profile, options)
-    profile = profile.with_precision(options.precision)
+    profile = _resolved(source, profile, options)
     prompts = _calibration_prompts(source, profile, options)  # errors before any work
     log.info("loading %s (%s, %s family)", source.source, source.folder, family.name)
     pipe = source.load_pipeline()
@@ -179,9 +185,9 @@ def export_model(source: ModelSource, profile: Profile, out_dir: Path, options: 
             "assets": list(family.assets),
             "components": components,
         }
-        primary = next(iter(family.tasks.values()))  # the family's first task (text-to-image)
-        if any(c["precision"] != "fp32" for c in components.values()) and set(primary) <= set(components):
-            manifest["quality"] = pipeline_quality(tmp, manifest, profile)
+        task, needed = next(iter(family.tasks.items()))  # the family's main task (text-to-image)
+        if any(c["precision"] != "fp32" for c in components.values()) and set(needed) <= set(components):
+            manifest["quality"] = pipeline_quality(tmp, manifest, profile, task)
         shutil.rmtree(tmp / FP32_DIR, ignore_errors=True)
         manifest["files"] = {f"{sub}/{rel}": sha for sub in (*family.assets, "reference")
                              for rel, sha in folder_checksums(tmp / sub).items()}

@@ -84,7 +84,7 @@ def split_calibration(per_prompt):
     return calibrate, held_out
 
 
-def pipeline_quality(tmp: Path, export: dict[str, Any], profile: Profile) -> dict[str, Any]:
+def pipeline_quality(tmp: Path, export: dict[str, Any], profile: Profile, task: str) -> dict[str, Any]:
     """PSNR of the exported graphs' images against the same pipeline with fp32 graphs, both run
     as ONNX Runtime CPU engines straight from the export folder."""
     from exporters.quality import pipeline_psnr
@@ -96,4 +96,5 @@ def pipeline_quality(tmp: Path, export: dict[str, Any], profile: Profile) -> dic
         components = {n: component_entry(c, file=files[n]) for n, c in export["components"].items()}
         return manifest_from_dict(tmp, manifest_record(export, backend=ORT_CPU_BACKEND, components=components))
 
-    return {"pipeline": pipeline_psnr(manifest(fp32=True), manifest(fp32=False), profile.height.opt, profile.width.opt)}
+    return {"pipeline": pipeline_psnr(manifest(fp32=True), manifest(fp32=False), profile.height.opt, profile.width.opt,
+                                      task)}

@@ -44,6 +44,3 @@ class GraphIndex:
             for i in n.input:
                 consumers.setdefault(i, []).append(n)
         return cls(producers, consumers)
-
-    def readers(self, tensor: str) -> list:
-        return self.consumers.get(tensor, [])

@@ -183,15 +183,16 @@ def _policy(data: Mapping[str, Any], section: str, problems: list) -> dict[str, 
     return out
 
 
-def bind_family(profile: Profile, components: tuple[str, ...], denoiser: str) -> Profile:
+def bind_family(profile: Profile, components: tuple[str, ...], denoiser: str | None) -> Profile:
     """`profile` for a model whose family has these components: every component gets a precision
     (fp32 unless the profile says otherwise), in the family's order; names the family does not
-    have, and int8 on anything but the denoiser, are errors listing what is valid."""
+    have, and int8 on anything but the denoiser, are errors listing what is valid. Binding a bound
+    profile again changes nothing. (denoiser None: check the names only, as before MODEL is known.)"""
     problems = []
     for key, value in profile.precision:
         if key not in components:
             problems.append((f"precision.{key}", f"one of {list(components)}", "unknown component"))
-        elif value == "int8" and key != denoiser:
+        elif value == "int8" and denoiser is not None and key != denoiser:
             problems.append((f"precision.{key}", f"fp32 or fp16 (int8 calibration covers {denoiser})", "int8"))
     unknown = [c for c in profile.fp16.keep_fp32_components if c not in components]
     if unknown:
@@ -201,7 +202,7 @@ def bind_family(profile: Profile, components: tuple[str, ...], denoiser: str) ->
                            + format_table(["field", "expected", "found"], problems))
     given = dict(profile.precision)
     bound = tuple((c, given.get(c, "fp32")) for c in components)
-    return replace(profile, precision=bound, denoiser=denoiser).with_keep_fp32()
+    return replace(profile, precision=bound, denoiser=denoiser or profile.denoiser).with_keep_fp32()
 
 
 def default_profile(name: str, source: str, native_height: int, native_width: int, size_multiple: int) -> Profile:

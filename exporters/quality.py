@@ -50,7 +50,7 @@ def check_gate(component: str, precision: str, measured: Mapping[str, Mapping[st
         )
 
 
-def pipeline_psnr(fp32_manifest, candidate_manifest, height: int, width: int) -> dict:
+def pipeline_psnr(fp32_manifest, candidate_manifest, height: int, width: int, task: str = "text2img") -> dict:
     """PSNR of final images, candidate engines against fp32 engines, same prompts and seeds."""
     import numpy as np
     import torch
@@ -59,7 +59,7 @@ def pipeline_psnr(fp32_manifest, candidate_manifest, height: int, width: int) ->
 
     images = []
     for manifest in (fp32_manifest, candidate_manifest):
-        pipe = pipeline_from_manifest(manifest)
+        pipe = pipeline_from_manifest(manifest, task)
         pipe.set_progress_bar_config(disable=True)
         images.append(np.concatenate([
             pipe(p, height=height, width=width, num_inference_steps=PSNR_STEPS,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+from exporters.families import known_components
 from exporters.profile import Profile, bind_family, check_size_multiple, default_profile, load_profile, profile_names
 from exporters.source import HUB_ID, ModelSource, open_source
 from runtime.errors import ModelSourceError
@@ -13,8 +14,11 @@ from runtime.errors import ModelSourceError
 def resolve_model(model: str, profile_path: str | Path | None = None) -> tuple[ModelSource, Profile]:
     """MODEL → (validated source, resolved profile). `--profile FILE` overrides the shape ranges."""
     explicit = load_profile(profile_path, require_source=False) if profile_path is not None else None
+    if explicit is not None:  # component names no family has: before any download or model build
+        bind_family(explicit, tuple(sorted(known_components())), None)
     if model in profile_names():
         profile = load_profile(model)
+        bind_family(profile, tuple(sorted(known_components())), None)
         source = open_source(profile.source)
         if explicit is not None:
             profile = replace(explicit, source=profile.source)
@@ -31,6 +35,6 @@ def resolve_model(model: str, profile_path: str | Path | None = None) -> tuple[M
             f"Valid profiles: {', '.join(profile_names())}; or pass a path to a diffusers folder, "
             "or a hub id such as stabilityai/stable-diffusion-2-1"
         )
-    profile = bind_family(profile, tuple(source.family.component_specs(source.dims)), source.family.denoiser)
+    profile = bind_family(profile, source.family.components, source.family.denoiser)
     check_size_multiple(profile, source.dims.size_multiple)
     return source, profile

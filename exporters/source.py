@@ -30,8 +30,8 @@ class ModelSource:
     source: str
     folder: Path
     pipeline_class: str
-    family: Family
     dims: ModelDims
+    family: Family
 
     @functools.cached_property
     def weights_sha256(self) -> str:
@@ -68,8 +68,8 @@ def open_source(source: str) -> ModelSource:
             "(org/name) or builtin:NAME"
         )
     pipeline_class, family = validate_folder(folder, source)
-    return ModelSource(source=source, folder=folder, pipeline_class=pipeline_class, family=family,
-                       dims=family.read_dims(folder))
+    return ModelSource(source=source, folder=folder, pipeline_class=pipeline_class, dims=family.read_dims(folder),
+                       family=family)
 
 
 def _download(repo_id: str) -> Path:

@@ -78,10 +78,12 @@ def generate(folder: Path, prompt: str, negative_prompt, steps, guidance_scale, 
 @click.argument("folders", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--baseline", type=click.Choice(["torch", "torch-compile", "none"]), default="torch", show_default=True,
               help="diffusers' PyTorch pipeline on the same weights, eager or with torch.compile on the UNet.")
-@click.option("--batch", "batches", default="1", show_default=True, type=CommaList(click.IntRange(min=1)),
-              help="Batch sizes, comma-separated (e.g. 1,2,4); with --unet-step, the UNet's own batch.")
+@click.option("--batch", "batches", default=None, type=CommaList(click.IntRange(min=1)),
+              help="Batch sizes, comma-separated (e.g. 1,2,4; default 1); with --unet-step the UNet's own batch "
+                   "(default 2: one image under guidance).")
 @click.option("--steps", default=20, show_default=True, type=click.IntRange(1, 1000))
-@click.option("--runs", default=3, show_default=True, type=click.IntRange(1, 1000), help="Timed runs per pipeline and batch.")
+@click.option("--runs", default=None, type=click.IntRange(1, 1000),
+              help="Timed runs per pipeline and batch (default 3; 30 with --unet-step).")
 @click.option("--height", default=None, type=int, help="Pixels; default: the profile's opt.")
 @click.option("--width", default=None, type=int, help="Pixels; default: the profile's opt.")
 @click.option("--schedulers", "sweep", is_flag=True,
@@ -108,11 +110,13 @@ def bench(folders, baseline, batches, steps, runs, height, width, sweep, step_co
         raise click.UsageError("--schedulers and --unet-step are different benchmarks; pick one")
     if len(folders) > 1 and not unet_step:
         raise click.UsageError("several FOLDERS are compared only with --unet-step")
-    options = BenchOptions(baseline="none" if sweep or unet_step else baseline, batches=batches, steps=steps,
-                           runs=runs, height=height, width=width)
-    draw = None
+    if plot and unet_step:
+        raise click.UsageError("--plot draws the stage benchmark and the scheduler sweep, not --unet-step")
+    options = BenchOptions(baseline="none" if sweep or unet_step else baseline,
+                           batches=batches or ((2,) if unet_step else (1,)), steps=steps,
+                           runs=runs or (30 if unet_step else 3), height=height, width=width)
     if unet_step:
-        report, text = unet_step_bench(folders, options), fmt.format_unet_steps
+        report, text, draw = unet_step_bench(folders, options), fmt.format_unet_steps, None
     elif sweep:
         report = scheduler_sweep(folders[0], step_counts, reference_steps, options)
         text, draw = fmt.format_sweep, fmt.plot_sweep
@@ -120,8 +124,6 @@ def bench(folders, baseline, batches, steps, runs, height, width, sweep, step_co
         report = run_bench(folders[0], options)
         text, draw = fmt.format_report, fmt.plot_report
     if plot:
-        if draw is None:
-            raise click.UsageError("--plot draws the stage benchmark and the scheduler sweep, not --unet-step")
         draw(report, plot)
     if save:
         save.write_text(json.dumps(report, indent=2), encoding="utf-8")

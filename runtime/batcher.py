@@ -202,11 +202,13 @@ def normalize_request(pipe, request: ImageRequest) -> ImageRequest:
 
 def generate_images(pipe, requests: list[ImageRequest], base_scheduler_config):
     """One pipeline call for requests of one group, each with its own seeded generator (not thread-safe:
-    call from one thread per pipeline)."""
+    call from one thread per pipeline). Requests are normalized here too (idempotent), so callers
+    may pass them as built."""
     import torch
 
     from runtime.schedulers import scheduler_from_name
 
+    requests = [normalize_request(pipe, r) for r in requests]
     r0 = requests[0]
     if any(r.group_key() != r0.group_key() for r in requests):
         raise RequestError("requests of different size, steps, guidance or scheduler cannot share one call")

@@ -71,8 +71,8 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 @contextlib.contextmanager
 def cache_lock(path: Path, timeout: float = 600.0) -> Iterator[None]:
-    """Hold `<path>.lock` (filelock) while a shared cache entry is read, made or replaced, so that
-    concurrent builds on one machine make it once and never see half of it."""
+    """Hold `<path>.lock` (filelock) while a shared cache entry is made, so that concurrent processes
+    on one machine make it once (readers of an entry made atomically need no lock)."""
     from filelock import FileLock
 
     path = Path(path)

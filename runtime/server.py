@@ -133,7 +133,8 @@ def create_app(folder, options: ServeOptions = ServeOptions(), pipe=None):
         return PlainTextResponse(metrics.render(batcher), media_type="text/plain; version=0.0.4")
 
     def _error(status: int, field: str | None, message: str, headers=None):
-        detail = [{"loc": ["body", field], "msg": message}] if field else message
+        """422s keep FastAPI's shape ([{"loc", "msg"}], "loc" naming the field where one is at fault)."""
+        detail = [{"loc": ["body", field] if field else ["body"], "msg": message}] if status == 422 else message
         return JSONResponse({"detail": detail}, status, headers=headers)
 
     @app.post("/v1/images")

@@ -72,6 +72,7 @@ def test_bench_options_are_checked():
     assert r.exit_code == 2 and "comma-separated integers" in r.output
 
 
+@pytest.mark.slow
 def test_unet_step_compares_artifacts(tiny_artifact, tiny_fp16_artifact):
     r = _bench(tiny_artifact, tiny_fp16_artifact, "--unet-step", "--batch", "2", "--runs", "3", "--json")
     assert r.exit_code == 0, r.output
@@ -81,3 +82,5 @@ def test_unet_step_compares_artifacts(tiny_artifact, tiny_fp16_artifact):
     assert all(0 < row["min_s"] <= row["median_s"] <= row["max_s"] for row in report["rows"])
     r = _bench(tiny_artifact, tiny_fp16_artifact)
     assert r.exit_code == 2 and "several FOLDERS are compared only with --unet-step" in r.output
+    r = _bench(tiny_artifact, "--unet-step", "--plot", "x.png")
+    assert r.exit_code == 2 and "--plot draws the stage benchmark" in r.output

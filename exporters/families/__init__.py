@@ -3,7 +3,7 @@
 pipeline classes to them, so that a new family touches no other family's module.
 
 The runtime side (runtime/families/) assembles the engine pipeline of the same family name, and
-owns which components each task needs and which one is the denoiser."""
+owns which components each task needs."""
 from __future__ import annotations
 
 import importlib
@@ -28,6 +28,10 @@ class Family:
     name: recorded as the manifest's `model.family`; the runtime family of that name loads it.
     pipeline_classes: the model_index.json `_class_name`s this family accepts.
     folder_components: the model folder's subfolders that must exist (and that the weights hash covers).
+    components: the graphs it exports, in order (what `component_specs` returns, and what a
+        profile's [precision] may name).
+    denoiser: the component the scheduler loop calls every step: int8 calibrates it, classifier-free
+        guidance doubles its batch.
     read_dims: model folder → ModelDims (shapes, and UNet features detected from its config).
     component_specs: ModelDims → {component: ComponentSpec}, with their tracing wrappers.
     load_pipeline: model folder → the PyTorch pipeline (fp32, eval).
@@ -39,6 +43,8 @@ class Family:
     name: str
     pipeline_classes: tuple[str, ...]
     folder_components: tuple[str, ...]
+    components: tuple[str, ...]
+    denoiser: str
     read_dims: Callable[[Path], ModelDims]
     component_specs: Callable[[ModelDims], dict[str, ComponentSpec]]
     load_pipeline: Callable[[Path], Any]
@@ -47,18 +53,11 @@ class Family:
 
     @property
     def tasks(self) -> Mapping[str, tuple[str, ...]]:
-        """Task → components, as the runtime family of this name declares them."""
-        return self._runtime().tasks
-
-    @property
-    def denoiser(self) -> str:
-        """The component int8 calibrates and classifier-free guidance doubles (the runtime family's)."""
-        return self._runtime().denoiser
-
-    def _runtime(self):
+        """Task → components, as the runtime family of this name declares them (the quality pass
+        runs the runtime's pipeline of the first task)."""
         from runtime import families
 
-        return families.get(self.name)
+        return families.get(self.name).tasks
 
 
 def register(family: Family) -> None:
@@ -69,6 +68,11 @@ def register(family: Family) -> None:
 def all_families() -> list[Family]:
     found = {f.name: f for f in (importlib.import_module(m).FAMILY for m in FAMILY_MODULES)}
     return list({**found, **_REGISTERED}.values())
+
+
+def known_components() -> set[str]:
+    """Every component name some family exports (what a profile may name before MODEL is resolved)."""
+    return {c for f in all_families() for c in f.components}
 
 
 def supported_pipelines() -> list[str]:

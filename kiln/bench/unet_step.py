@@ -38,18 +38,19 @@ def unet_step_bench(folders, options) -> dict:
     from runtime.manifest import load_manifest
     from runtime.pipeline import open_engines
 
-    engines, labels = [], []
+    engines, labels, manifests = [], [], []
     for folder in folders:
         try:
             manifest = load_manifest(folder)
         except KilnError as exc:
             raise BenchError(f"cannot benchmark {folder}: {exc}") from exc
+        manifests.append(manifest)
         denoiser = families.get(manifest.family).denoiser
         engine = open_engines(manifest, [denoiser])[denoiser]
         info = manifest.data["components"][denoiser]
         engines.append(engine)
         labels.append((str(folder), info["precision"] + (f"/{info['int8']['recipe']}" if "int8" in info else "")))
-    first = load_manifest(folders[0])
+    first = manifests[0]
     shapes, factor = first.profile["shapes"], first.data["dims"]["vae_scale_factor"]
     height, width = options.height or shapes["height"][1], options.width or shapes["width"][1]
     batch = options.batches[0]

@@ -6,6 +6,7 @@ from typing import Any
 
 from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
 
+from runtime.assets import load_scheduler, load_tokenizer
 from runtime.errors import ShapeError
 from runtime.families import RuntimeFamily
 from runtime.manifest import Manifest
@@ -50,8 +51,6 @@ def assemble_sd(pipelines: dict[str, type]):
     UNet, one VAE); other families whose pipelines take the same components reuse it."""
 
     def assemble(task: str, manifest: Manifest, engines: dict[str, Any]):
-        from runtime.pipeline import load_scheduler, load_tokenizer
-
         device = next(iter(engines.values())).device
         comps = manifest.components
         pipe = pipelines[task](

@@ -134,3 +134,27 @@ def test_profile_sizes_must_fit_the_model(tmp_path):
     path.write_text('[shapes]\nbatch = [1, 1, 4]\nheight = [72, 128, 256]\nwidth = [64, 128, 256]\n')
     with pytest.raises(ProfileError, match=r"multiples of 64[\s\S]*shapes.height\s+multiples of 64\s+\[72, 128, 256\]"):
         resolve_model("tiny", path)
+
+
+def test_component_names_no_family_has_are_refused_before_the_model_is_opened(tmp_path, monkeypatch):
+    import exporters.resolve
+
+    monkeypatch.setattr(exporters.resolve, "open_source", lambda s: (_ for _ in ()).throw(AssertionError("opened")))
+    path = tmp_path / "p.toml"
+    path.write_text('[shapes]\nbatch = [1, 1, 4]\nheight = [64, 64, 64]\nwidth = [64, 64, 64]\n'
+                    '[precision]\ntext_encoder_3 = "fp16"\n[fp16]\nkeep_fp32_components = ["vae"]\n')
+    with pytest.raises(ProfileError, match=r"precision.text_encoder_3 .* unknown component[\s\S]*fp16.keep_fp32_components"):
+        resolve_model("tiny", path)
+
+
+def test_an_unbound_profile_is_bound_for_export(tmp_path):
+    """A default profile straight from default_profile (not through resolve_model) lists no component;
+    exporting binds it to the family, so --precision reaches every component."""
+    from exporters.export import ExportOptions, export_key
+    from exporters.profile import default_profile
+
+    source, bound = resolve_model("tiny")
+    raw = default_profile("tiny", "builtin:tiny", 128, 128, 64)
+    assert raw.precision == () and dict(bound.precision) == dict.fromkeys(source.family.components, "fp32")
+    fp16 = ExportOptions(precision="fp16")
+    assert export_key(source, raw, fp16) == export_key(source, bound, fp16)

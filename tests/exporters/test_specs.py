@@ -54,3 +54,20 @@ def test_bind_axes_rejects_inconsistent_inputs():
     pixels = {"image": component_specs(SD21)["vae_encoder"].inputs[0].dims}
     with pytest.raises(ShapeError, match="must be a multiple of 8, got 100"):
         bind_axes(pixels, {"image": (1, 3, 100, 64)})
+
+
+def test_calibration_feed_maps_a_unet_call_to_its_inputs():
+    """The UNet spec's feed turns the bound arguments of a UNet2DConditionModel call (as diffusers
+    pipelines make it, conditions included) into the graph's inputs by name."""
+    import numpy as np
+    import torch
+
+    dims = ModelDims(**{**SD21.__dict__, "unet_conditions": (("timestep_cond", 8), ("text_embeds", 16), ("time_ids", 6))})
+    unet = component_specs(dims)["unet"]
+    call = {"sample": torch.ones(2, 4, 8, 8), "timestep": torch.tensor(7), "encoder_hidden_states": torch.zeros(2, 77, 1024),
+            "timestep_cond": torch.full((2, 8), 3.0),
+            "added_cond_kwargs": {"text_embeds": torch.full((2, 16), 4.0), "time_ids": torch.full((2, 6), 5.0)}}
+    feed = unet.feed_from_call(call)
+    assert list(feed) == [t.name for t in unet.inputs]
+    assert feed["timestep"].tolist() == [7.0, 7.0] and feed["timestep"].dtype == np.float32
+    assert feed["timestep_cond"].max() == 3.0 and feed["text_embeds"].max() == 4.0 and feed["time_ids"].max() == 5.0

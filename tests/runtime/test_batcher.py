@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from runtime import load_pipeline
-from runtime.batcher import Batcher, ImageRequest, QueueFullError, normalize_request, split_groups
+from runtime.batcher import Batcher, ImageRequest, QueueFullError, generate_images, normalize_request, split_groups
 from runtime.errors import OptionsError, RequestError, ShapeError, ShuttingDownError
 
 
@@ -115,6 +115,9 @@ def test_bad_request_is_refused_before_it_queues(pipe):
 def test_defaults_come_from_the_family(pipe):
     request = normalize_request(pipe, ImageRequest("x"))
     assert (request.height, request.width, request.steps, request.guidance_scale) == (128, 128, 20, 7.5)
+    # generate_images fills them in too, for callers that pass requests as built
+    (image,) = generate_images(pipe, [ImageRequest("x", height=64, width=64, steps=1)], pipe.scheduler.config)
+    assert image.size == (64, 64)
 
 
 def test_bad_batcher_options():

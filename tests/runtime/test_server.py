@@ -100,9 +100,10 @@ def app_without_engines(tmp_path):
 
 
 @pytest.mark.parametrize("error, status, loc", [
-    ("shape", 422, "width"),
-    ("steps", 422, "steps"),
-    ("scheduler", 422, "scheduler"),
+    ("shape", 422, ["body", "width"]),
+    ("steps", 422, ["body", "steps"]),
+    ("scheduler", 422, ["body", "scheduler"]),
+    ("engine shape", 422, ["body"]),
     ("draining", 503, None),
     ("engine", 500, None),
 ])
@@ -111,6 +112,7 @@ def test_statuses_follow_the_error_type(app_without_engines, error, status, loc)
 
     errors = {"shape": ShapeError("too wide", field="width"), "steps": RequestError("no steps", field="steps"),
               "scheduler": SchedulerError("unknown scheduler 'x'"), "draining": ShuttingDownError("draining"),
+              "engine shape": ShapeError("unet: input 'sample' has shape [9, 4, 8, 8], outside the range"),
               "engine": RuntimeError("engine failed")}
 
     async def submit(request):
@@ -121,6 +123,8 @@ def test_statuses_follow_the_error_type(app_without_engines, error, status, loc)
         r = c.post("/v1/images", json={"prompt": "x"})
     assert r.status_code == status, r.text
     detail = r.json()["detail"]
-    if loc:
-        assert detail[0]["loc"] == ["body", loc]
+    if loc:  # 422s keep FastAPI's shape of detail
+        assert detail[0]["loc"] == loc and detail[0]["msg"]
+    else:
+        assert isinstance(detail, str)
     assert f'kiln_http_responses_total{{code="{status}"}} 1' in c.get("/metrics").text
