@@ -142,3 +142,12 @@ def test_a_new_family_needs_only_its_two_modules(fake_model, fake_family, tmp_pa
     assert np.abs(got - want).max() <= 2 / 255
     with pytest.raises(ArtifactError, match="task must be one of text2img for fake artifacts"):
         load_pipeline(out, task="img2img")
+
+
+def test_a_family_declares_the_components_its_specs_build():
+    for family in export_families.all_families():
+        assert tuple(family.component_specs(TINY_DIMS)) == family.components, family.name
+        assert family.denoiser in family.components
+        runtime = runtime_families.get(family.name)
+        assert runtime.denoiser == family.denoiser
+        assert all(set(needed) <= set(family.components) for needed in runtime.tasks.values())
