@@ -6,7 +6,6 @@ import hashlib
 import json
 import logging
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -16,7 +15,7 @@ from engines import ort_backend, trt_backend
 from engines.select import BACKENDS, choose_backend
 from engines.trt_backend import TrtOptions
 from runtime.errors import ArtifactError, BuildError, ToleranceError, format_table
-from runtime.files import atomic_folder, file_sha256
+from runtime.files import atomic_folder, file_sha256, output_lock, temp_sibling
 from runtime.manifest import (
     FORMAT_VERSION,
     REPORT_FILE,
@@ -125,10 +124,13 @@ def build_from_model(model: str, out_dir: Path, options: BuildOptions = BuildOpt
     if not options.force and up_to_date(out_dir, key):
         log.info("%s is up to date (build key %s); nothing to do. Use --force to rebuild", out_dir, key[:12])
         return BuildResult(out_dir, True, key)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.export-", dir=out_dir.parent) as tmp:
-        export_dir = export_model(source, profile, Path(tmp) / "export", export_options, key=ekey)
-        return build_from_export(export_dir, out_dir, options)
+    with output_lock(out_dir):  # held through export and build; removes what killed runs left
+        tmp = temp_sibling(out_dir.resolve(), "export")
+        try:
+            export_dir = export_model(source, profile, tmp / "export", export_options, key=ekey)
+            return build_from_export(export_dir, out_dir, options)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def build_from_export(export_dir: Path, out_dir: Path, options: BuildOptions = BuildOptions()) -> BuildResult:
@@ -147,7 +149,7 @@ def build_from_export(export_dir: Path, out_dir: Path, options: BuildOptions = B
     _verify_export(export_dir, export)  # hashes every graph: only when something will be built from them
     components, engine_parity = {}, {}
     names = list(export["components"])
-    with atomic_folder(out_dir) as tmp:
+    with atomic_folder(out_dir, needed_bytes=_build_bytes(export_dir, export, backend)) as tmp:
         for i, name in enumerate(names, 1):
             entry = export["components"][name]
             started = time.perf_counter()
@@ -176,6 +178,13 @@ def build_from_export(export_dir: Path, out_dir: Path, options: BuildOptions = B
         write_manifest(tmp, manifest_record(export, backend=backend, components=components, build_key=key))
     log.info("wrote %s", out_dir)
     return BuildResult(out_dir, False, key)
+
+
+def _build_bytes(export_dir: Path, export: dict, backend: dict) -> int:
+    """Room an artifact needs: about its export's size (engines are about their graphs' size), twice
+    that when stripped plans ship their ONNX weights too."""
+    graphs = sum((export_dir / name / f).stat().st_size for name, c in export["components"].items() for f in c["files"])
+    return int(graphs * (2.2 if backend.get("strip_plan") else 1.1)) + 2**20
 
 
 def _engine_from_onnx(onnx: Path, out: Path, entry: dict, options: BuildOptions, backend: dict) -> list[Path]:

@@ -124,7 +124,7 @@ def export_model(source: ModelSource, profile: Profile, out_dir: Path, options: 
     # the model's attention upcast decides the fp16 softmax policy of every component
     upcast_attention = bool(specs[family.denoiser].config_of(pipe).get("upcast_attention", False))
     components: dict[str, Any] = {}
-    with atomic_folder(out_dir) as tmp:
+    with atomic_folder(out_dir, needed_bytes=_export_bytes(source, profile, names)) as tmp:
         for asset in family.assets:
             getattr(pipe, asset).save_pretrained(tmp / asset)
         calibration = None
@@ -141,8 +141,8 @@ def export_model(source: ModelSource, profile: Profile, out_dir: Path, options: 
             module = spec.wrap(pipe)
             onnx_path = tmp / name / "model.onnx"
             onnx_path.parent.mkdir()
-            model = onnx_from_torch(spec, module, ranges, options)
-            model = run_passes(model, PassContext(name))
+            model = onnx_from_torch(spec, module, ranges, options, workdir=tmp)
+            model = run_passes(model, PassContext(name, workdir=tmp))
             save_onnx(model, onnx_path, options.external_data_threshold)
             del model
             log.info("[%d/%d] %s: checking against PyTorch at %s", i, len(names), name, "/".join(options.check_points))
@@ -196,14 +196,22 @@ def export_model(source: ModelSource, profile: Profile, out_dir: Path, options: 
     return out_dir
 
 
+def _export_bytes(source: ModelSource, profile: Profile, names) -> int:
+    """Room an export needs: its graphs hold the weights once (twice while a lowered copy is made)."""
+    lowered = any(profile.precision_of(n) != "fp32" for n in names)
+    return int(source.weights_bytes * (2.5 if lowered else 1.5)) + 2**20
+
+
 def _calibration_prompts(source: ModelSource, profile: Profile, options: ExportOptions) -> list[str]:
     if not any(profile.precision_of(c) == "int8" for c in options.components_of(source)):
         return []
     return calibration_prompts(profile, source.source.startswith("builtin:"), options.calibration_prompts)
 
 
-def onnx_from_torch(spec: ComponentSpec, module, ranges: dict[str, dict[str, list[int]]], options: ExportOptions):
-    """Trace `module` at the opt shapes with named dynamic axes; return the onnx.ModelProto."""
+def onnx_from_torch(spec: ComponentSpec, module, ranges: dict[str, dict[str, list[int]]], options: ExportOptions,
+                    workdir: Path | None = None):
+    """Trace `module` at the opt shapes with named dynamic axes; return the onnx.ModelProto. The
+    exporter's files go to a temporary folder in `workdir` (beside the output), not the system's."""
     import tempfile
 
     import onnx
@@ -224,7 +232,7 @@ def onnx_from_torch(spec: ComponentSpec, module, ranges: dict[str, dict[str, lis
     if opset is not None:
         kwargs["opset_version"] = opset
     # torch.onnx prints its progress to stdout; send it to stderr so stdout stays clean for --json.
-    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr):
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp, warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr):
         warnings.simplefilter("ignore")
         path = Path(tmp) / "model.onnx"
         try:

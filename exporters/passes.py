@@ -15,7 +15,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class PassContext:
     component: str
-
+    workdir: Path | None = None  # where temporary files go (beside the output); None: the system's
 
 def cleanup_graph(graph, ctx: PassContext):
     """Remove dead nodes and tensors, then sort topologically."""
@@ -42,7 +42,7 @@ def infer_shapes(graph, ctx: PassContext):
     if not over_proto_limit(model):
         model = onnx.shape_inference.infer_shapes(model, data_prop=True)
     else:  # over 2 GB: inference must go through a file with external data
-        with tempfile.TemporaryDirectory() as tmp:
+        with tempfile.TemporaryDirectory(dir=ctx.workdir) as tmp:
             path = Path(tmp) / "model.onnx"
             onnx.save_model(model, path, save_as_external_data=True, location="model.onnx.data")
             onnx.shape_inference.infer_shapes_path(str(path), str(path))

@@ -44,6 +44,11 @@ class ModelSource:
                     digest.update(file_sha256(path).encode())
         return digest.hexdigest()
 
+    @functools.cached_property
+    def weights_bytes(self) -> int:
+        """Bytes of the weight files of the family's components."""
+        return sum(p.stat().st_size for c in self.family.folder_components for p in (self.folder / c).rglob("*.safetensors"))
+
     def load_pipeline(self):
         """Load the PyTorch pipeline (fp32, eval) through diffusers."""
         return self.family.load_pipeline(self.folder)

@@ -20,6 +20,9 @@ CONFIG_FILES = {
 }
 
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")  # torch.load runs code from these: never loaded
+
+
 def config_files(component: str) -> tuple[str, ...]:
     kind = next((k for k in CONFIG_FILES if component == k or component.startswith(k + "_")), None)
     return CONFIG_FILES[kind] if kind else ("config.json",)
@@ -50,5 +53,15 @@ def validate_folder(folder: Path, source: str) -> tuple[str, Family]:
             f"{folder} is missing pipeline components; a {pipeline_class} needs {', '.join(family.folder_components)}:\n"
             + format_table(["component", "expected", "found"], missing)
             + "\nRe-save the complete pipeline with diffusers' save_pretrained"
+        )
+    pickled = [(c, ", ".join(sorted(p.name for p in found))) for c in family.folder_components
+               if (found := [p for p in (folder / c).glob("*") if p.suffix in PICKLE_SUFFIXES])
+               and not any((folder / c).glob("*.safetensors"))]
+    if pickled:
+        raise ModelSourceError(
+            f"{folder} has weights only as pickles, which kiln does not load (loading a pickle runs code from it):\n"
+            + format_table(["component", "files"], pickled)
+            + "\nConvert them to safetensors: load the pipeline with diffusers where you trust the files and "
+            "save_pretrained(folder, safe_serialization=True)"
         )
     return pipeline_class, family

@@ -81,11 +81,11 @@ def build(model: str, out: Path, backend: str, device, profile: str | None, expo
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest and report as JSON.")
 def inspect(folder: Path, as_json: bool):
     """Show an artifact folder's manifest: model, backend, shape ranges, engines and parity."""
-    from runtime.manifest import REPORT_FILE, load_manifest
+    from runtime.integrity import path_problem
+    from runtime.manifest import load_manifest, load_report
 
     manifest = load_manifest(folder)
-    report_path = folder / REPORT_FILE
-    report = json.loads(report_path.read_text(encoding="utf-8")) if report_path.is_file() else {}
+    report = load_report(folder)
     if as_json:
         click.echo(json.dumps({"manifest": manifest.data, "report": report}, indent=2))
         return
@@ -95,28 +95,30 @@ def inspect(folder: Path, as_json: bool):
         ("model", d["model"]["source"]),
         ("pipeline", f"{d['model']['pipeline_class']} ({manifest.family} family)"),
         ("weights sha256", d["model"]["weights_sha256"][:16]),
-        ("backend", f"{b['name']} {b['version']} ({b.get('execution_provider') or b.get('gpu', '-')})"),
+        ("backend", f"{b['name']} {b.get('version', '?')} ({b.get('execution_provider') or b.get('gpu', '-')})"),
         *_tensorrt_rows(b),
         ("batch", "min {} / opt {} / max {}".format(*shapes["batch"])),
         ("height", "min {} / opt {} / max {} (multiple of {})".format(*shapes["height"], manifest.size_multiple)),
         ("width", "min {} / opt {} / max {}".format(*shapes["width"])),
         ("format / kiln", f"{d['format_version']} / {d['kiln_version']}"),
         ("created", d.get("created", "?")),
-        ("build key", d.get("build_key", "?")[:16]),
+        ("build key", (d.get("build_key") or "?")[:16]),
     ]
     click.echo(format_table(["field", "value"], summary))
     click.echo()
     rows = []
     for name, c in d["components"].items():
-        size = sum((folder / f).stat().st_size for f in c["files"] if (folder / f).is_file())
+        size = sum((folder / f).stat().st_size for f in c["files"] if not path_problem(folder, f) and (folder / f).is_file())
         export_err = max((r["max_abs_err"] for r in report.get("export_parity", {}).get(name, [])), default=float("nan"))
         engine_err = max((r["max_abs_err"] for r in report.get("engine_parity", {}).get(name, [])), default=float("nan"))
         io = ", ".join(f"{t['name']} {_dims(t['min'])}..{_dims(t['max'])}" for t in c["inputs"])
         measured = report.get("quality", {}).get("components", {}).get(name, {})
-        cosines = [m["cosine"] for m in measured.values() if isinstance(m, dict) and "cosine" in m]
+        cosines = [m["cosine"] for m in (measured.values() if isinstance(measured, dict) else ())
+                   if isinstance(m, dict) and isinstance(m.get("cosine"), (int, float))]
         vs_fp32 = f"{min(cosines):.5f}" if cosines else "-"
-        precision = c["precision"] + (f" ({c['int8']['recipe']})" if "int8" in c else "")
-        rows.append((name, c["file"], precision, f"{size / 2**20:.1f}", c["build_seconds"], export_err, engine_err,
+        recipe = c["int8"].get("recipe", "?") if isinstance(c.get("int8"), dict) else None
+        precision = c["precision"] + (f" ({recipe})" if recipe else "")
+        rows.append((name, c["file"], precision, f"{size / 2**20:.1f}", c.get("build_seconds", "-"), export_err, engine_err,
                      vs_fp32, io))
     click.echo(format_table(["component", "file", "precision", "MiB", "build s", "onnx err", "engine err",
                              "cos vs fp32", "inputs (min..max)"], rows))

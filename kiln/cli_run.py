@@ -142,26 +142,43 @@ def bench(folders, baseline, batches, steps, runs, height, width, sweep, step_co
               help="How long the first request of a batch waits for others.")
 @click.option("--max-queue", default=64, show_default=True, type=click.IntRange(1, 100000),
               help="Waiting requests beyond which new ones get 429.")
+@click.option("--request-timeout", default=60.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Seconds from arrival to answer; past it the client gets 504 and a request not yet started is dropped.")
+@click.option("--drain-timeout", default=30.0, show_default=True, type=click.FloatRange(min=0),
+              help="On SIGTERM or Ctrl-C: seconds to finish queued requests while /readyz says draining.")
+@click.option("--hang-timeout", default=300.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Seconds one engine call may run before /healthz reports the worker as hung.")
+@click.option("--api-key", envvar="KILN_API_KEY", default=None,
+              help="Require 'Authorization: Bearer KEY' (also $KILN_API_KEY); /healthz and /readyz stay open.")
+@click.option("--truncate-prompts", is_flag=True, help="Cut prompts over the text encoder's 77 tokens instead of 422.")
+@click.option("--log-json", is_flag=True, help="One JSON line per request: id, status, latency, batch size, queue wait.")
 @click.option("--ray", "use_ray", is_flag=True, help="Serve on Ray Serve instead (one replica per device).")
 @click.option("--replicas", default=1, show_default=True, type=click.IntRange(1, 1024), help="--ray: replicas.")
-def serve(folder: Path, host, port, max_batch, max_wait_ms, max_queue, use_ray, replicas):
-    """Serve the engines in FOLDER over HTTP: POST /v1/images, GET /healthz, GET /metrics."""
-    if use_ray:
-        from runtime.lazy import lazy_import
-
-        ray_serve = lazy_import("ray.serve", install="pip install 'kiln[serve]'")
-        from runtime.ray_serve import kiln_app
-
-        ray_serve.start(http_options={"host": host, "port": port})
-        ray_serve.run(kiln_app(str(folder), max_batch, max_wait_ms / 1000, replicas), route_prefix="/v1/images",
-                      blocking=True)
-        return
+@click.option("--gpus-per-replica", default=None, type=click.FloatRange(min=0),
+              help="--ray: GPUs each replica takes (default: 1 when the Ray cluster has GPUs, else 0).")
+def serve(folder: Path, host, port, max_batch, max_wait_ms, max_queue, request_timeout, drain_timeout, hang_timeout,
+          api_key, truncate_prompts, log_json, use_ray, replicas, gpus_per_replica):
+    """Serve the engines in FOLDER over HTTP: POST /v1/images, GET /healthz, /readyz, /metrics."""
     from runtime.lazy import lazy_import
+
+    if use_ray:
+        ray_serve = lazy_import("ray.serve", install="pip install 'kiln[serve]'")
+        from runtime.ray_serve import RayOptions, kiln_app
+
+        ray_serve.start(http_options={"host": host, "port": port, "request_timeout_s": request_timeout})
+        options = RayOptions(max_batch=max_batch, max_wait=max_wait_ms / 1000, num_replicas=replicas,
+                             max_queued_requests=max_queue, gpus_per_replica=gpus_per_replica,
+                             truncate_prompts=truncate_prompts, hang_timeout=hang_timeout)
+        ray_serve.run(kiln_app(str(folder), options), route_prefix="/v1/images", blocking=True)
+        return
     from runtime.server import ServeOptions
     from runtime.server import serve as run_server
 
     lazy_import("fastapi", install="pip install 'kiln[serve]'").load()
-    run_server(folder, ServeOptions(host, port, max_batch, max_wait_ms / 1000, max_queue))
+    run_server(folder, ServeOptions(host=host, port=port, max_batch=max_batch, max_wait=max_wait_ms / 1000,
+                                    max_queue=max_queue, request_timeout=request_timeout, drain_timeout=drain_timeout,
+                                    hang_timeout=hang_timeout, api_key=api_key, truncate_prompts=truncate_prompts,
+                                    log_json=log_json))
 
 
 @click.command()

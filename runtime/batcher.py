@@ -11,8 +11,10 @@ Engines are not thread-safe, so one worker thread runs the batches, one at a tim
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +28,7 @@ log = logging.getLogger(__name__)
 __all__ = ["Batcher", "BatcherStats", "ImageRequest", "QueueFullError", "generate_images", "normalize_request",
            "split_groups"]
 PER_REQUEST = ("prompt", "negative_prompt", "seed")  # what may differ inside one engine call
+_COUNTING_TOKENIZERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 @dataclass(frozen=True)
@@ -51,14 +54,16 @@ class ImageRequest:
 class _Pending:
     request: ImageRequest
     future: asyncio.Future
+    info: dict | None = None  # filled with batch_size and queue_wait_s when the batch runs
     enqueued: float = field(default_factory=time.perf_counter)
 
 
 @dataclass
 class BatcherStats:
-    requests: int = 0
-    errors: int = 0
-    refused: int = 0
+    requests: int = 0  # queued
+    errors: int = 0  # requests whose batch failed
+    refused: int = 0  # turned away by a full queue
+    dropped: int = 0  # queued, then left (client gone, deadline passed) before their batch started
     batches: int = 0
     batch_sizes: dict[int, int] = field(default_factory=dict)
 
@@ -75,7 +80,8 @@ class Batcher:
     """`await batcher.submit(request)` → a PIL image. Start with `start()` inside a running loop;
     `stop()` finishes what is queued and in flight, then stops."""
 
-    def __init__(self, pipe, max_batch: int = 8, max_wait: float = 0.1, max_queue: int = 64):
+    def __init__(self, pipe, max_batch: int = 8, max_wait: float = 0.1, max_queue: int = 64,
+                 truncate_prompts: bool = False):
         if max_batch < 1 or max_wait < 0 or max_queue < 1:
             raise OptionsError(f"max_batch >= 1, max_wait >= 0 and max_queue >= 1 are required; got {max_batch}, "
                             f"{max_wait}, {max_queue}")
@@ -91,7 +97,15 @@ class Batcher:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kiln-batch")
         self._stopping = False
         self._base_scheduler = pipe.scheduler.config
+        self.truncate_prompts = truncate_prompts
+        counting_tokenizer(pipe)  # made now, before the worker thread uses the pipeline's own
         self.last_batch_seconds = 1.0
+        self.running_since: float | None = None  # perf_counter() when the batch in flight started
+
+    @property
+    def idle(self) -> bool:
+        """Nothing queued and no batch in flight."""
+        return not self._queue and self.running_since is None
 
     @property
     def depth(self) -> int:
@@ -109,15 +123,17 @@ class Batcher:
             await self._task
         self._executor.shutdown(wait=True)
 
-    async def submit(self, request: ImageRequest):
+    async def submit(self, request: ImageRequest, info: dict | None = None):
+        """The image for `request`; `info`, if given, gets the batch's size and the queue wait."""
         if self._stopping:
             raise ShuttingDownError("the server is shutting down; retry on another replica")
-        request = normalize_request(self.pipe, request)  # ShapeError and friends: this request only, before it queues
+        # ShapeError and friends: this request only, before it queues
+        request = normalize_request(self.pipe, request, self.truncate_prompts)
         if len(self._queue) >= self.max_queue:
             self.stats.refused += 1
             raise QueueFullError(len(self._queue), max(1.0, self.last_batch_seconds))
         future = asyncio.get_running_loop().create_future()
-        self._queue.append(_Pending(request, future))
+        self._queue.append(_Pending(request, future, info))
         self.stats.requests += 1
         self._wakeup.set()
         return await future
@@ -148,6 +164,7 @@ class Batcher:
             for p in group:
                 self._queue.remove(p)
             live = [p for p in group if not p.future.cancelled()]  # clients that left are not computed
+            self.stats.dropped += len(group) - len(live)
             if live:
                 await self._run_batch(live)
             if self._queue:
@@ -157,7 +174,10 @@ class Batcher:
 
     async def _run_batch(self, batch: list[_Pending]) -> None:
         loop = asyncio.get_running_loop()
-        started = time.perf_counter()
+        started = self.running_since = time.perf_counter()
+        for p in batch:
+            if p.info is not None:
+                p.info.update(batch_size=len(batch), queue_wait_s=started - p.enqueued)
         try:
             images = await loop.run_in_executor(self._executor, self._generate, [p.request for p in batch])
         except Exception as exc:  # the batch's error is its requests' error; the batcher goes on
@@ -169,6 +189,7 @@ class Batcher:
             return
         finally:
             self.last_batch_seconds = time.perf_counter() - started
+            self.running_since = None
         self.stats.batches += 1
         self.stats.batch_sizes[len(batch)] = self.stats.batch_sizes.get(len(batch), 0) + 1
         for p, image in zip(batch, images):
@@ -179,10 +200,10 @@ class Batcher:
         return generate_images(self.pipe, requests, self._base_scheduler)
 
 
-def normalize_request(pipe, request: ImageRequest) -> ImageRequest:
+def normalize_request(pipe, request: ImageRequest, truncate_prompts: bool = False) -> ImageRequest:
     """`request` with the model's native size and its family's defaults filled in, checked against
-    the engines (size range and multiple, steps, scheduler name); raises the error that request
-    alone deserves (a RequestError naming the field)."""
+    the engines (size range and multiple, steps, scheduler name, prompt length unless
+    `truncate_prompts`); raises the error that request alone deserves (a RequestError naming the field)."""
     from runtime import families
     from runtime.requests import check_request
     from runtime.schedulers import scheduler_from_name
@@ -197,7 +218,33 @@ def normalize_request(pipe, request: ImageRequest) -> ImageRequest:
         raise RequestError(f"steps must be >= 1, got {request.steps}", field="steps")
     if request.scheduler:
         scheduler_from_name(request.scheduler, pipe.scheduler.config)  # raises for an unknown name
+    if not truncate_prompts:
+        for name in ("prompt", "negative_prompt"):
+            check_prompt_length(counting_tokenizer(pipe), getattr(request, name), name)
     return request
+
+
+def counting_tokenizer(pipe):
+    """A copy of the pipeline's tokenizer for counting prompts while the engine thread encodes them:
+    a tokenizer keeps its truncation and padding settings on the object, so two threads calling one
+    tokenizer corrupt each other's calls (seen in the soak test: unpadded input_ids in a batch)."""
+    tokenizer = _COUNTING_TOKENIZERS.get(pipe)
+    if tokenizer is None:
+        tokenizer = _COUNTING_TOKENIZERS[pipe] = copy.deepcopy(pipe.tokenizer)
+    return tokenizer
+
+
+def check_prompt_length(tokenizer, text: str | None, field_name: str = "prompt") -> None:
+    """RequestError when `text` has more tokens than the text encoder reads (diffusers would cut
+    the rest off silently)."""
+    if not text:
+        return
+    limit = tokenizer.model_max_length
+    count = len(tokenizer(text, truncation=False).input_ids)
+    if count > limit:
+        raise RequestError(f"{field_name} is {count} tokens long and the text encoder reads at most {limit} (start and "
+                           "end tokens included); shorten it, or serve with --truncate-prompts to cut it off",
+                           field=field_name)
 
 
 def generate_images(pipe, requests: list[ImageRequest], base_scheduler_config):
@@ -208,7 +255,7 @@ def generate_images(pipe, requests: list[ImageRequest], base_scheduler_config):
 
     from runtime.schedulers import scheduler_from_name
 
-    requests = [normalize_request(pipe, r) for r in requests]
+    requests = [normalize_request(pipe, r, truncate_prompts=True) for r in requests]  # length: the caller's policy
     r0 = requests[0]
     if any(r.group_key() != r0.group_key() for r in requests):
         raise RequestError("requests of different size, steps, guidance or scheduler cannot share one call")

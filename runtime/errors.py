@@ -42,6 +42,20 @@ class BuildError(KilnError):
     """Building an engine or an artifact folder failed."""
 
 
+class DiskFullError(KilnError):
+    """A folder's file system has no room for what is being written to it."""
+
+    def __init__(self, folder, needed: int | None, free: int):
+        need = f"about {needed / 2**20:.0f} MiB" if needed else "more room"
+        super().__init__(f"no space left for {folder}: it needs {need} and {free / 2**20:.0f} MiB are free there. "
+                         "Free some space or write the output to another disk")
+        self.folder, self.needed, self.free = folder, needed, free
+
+
+class BusyError(KilnError):
+    """Another process is writing the same output right now."""
+
+
 class ArtifactError(KilnError):
     """An artifact folder is missing, altered, truncated or of an unknown format."""
 
@@ -64,6 +78,10 @@ class SchedulerError(RequestError):
 
     def __init__(self, message: str, field: str | None = "scheduler"):
         super().__init__(message, field)
+
+
+class FatalEngineError(KilnError):
+    """An engine failed in a way this process cannot recover from (e.g. a sticky CUDA error)."""
 
 
 class ServiceError(KilnError):

@@ -17,6 +17,7 @@ from typing import Any
 
 from runtime.errors import ArtifactError, ShapeError, format_table
 from runtime.files import file_sha256
+from runtime.schema import manifest_problems, report_problems
 from runtime.shapes import bind_axes, eval_dims
 from runtime.version import __version__
 
@@ -24,6 +25,7 @@ FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 REPORT_FILE = "report.json"
 DEFAULT_FAMILY = "sd"  # artifacts of format 1 written before families were recorded hold SD pipelines
+DEFAULT_ASSETS = ("tokenizer", "scheduler")  # likewise: the folders saved beside the engines
 # An ONNX Runtime CPU record: what the exporter's quality pass runs its graphs on.
 ORT_CPU_BACKEND = {"name": "onnxruntime", "execution_provider": "CPUExecutionProvider"}
 
@@ -96,6 +98,11 @@ class Manifest:
         return self.data["profile"]
 
     @property
+    def assets(self) -> tuple[str, ...]:
+        """The folders beside the engines that loaders read (tokenizers, scheduler)."""
+        return tuple(self.data.get("assets", DEFAULT_ASSETS))
+
+    @property
     def size_multiple(self) -> int:
         return int(self.data["dims"]["size_multiple"])
 
@@ -104,7 +111,7 @@ class Manifest:
 
 
 def load_manifest(folder: Path | str) -> Manifest:
-    """Read manifest.json and check its format version and required fields."""
+    """Read manifest.json and check its format version and its whole schema (every problem at once)."""
     folder = Path(folder)
     path = folder / MANIFEST_FILE
     if not path.is_file():
@@ -113,20 +120,37 @@ def load_manifest(folder: Path | str) -> Manifest:
         )
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ArtifactError(f"{path} is not valid JSON ({exc}); the artifact is damaged, rebuild it") from exc
-    version = data.get("format_version")
-    if not isinstance(version, int):
-        raise ArtifactError(f"{path} has no integer format_version; found {version!r}. Rebuild the artifact")
-    if version > FORMAT_VERSION:
+    version = data.get("format_version") if isinstance(data, dict) else None
+    if isinstance(version, int) and version > FORMAT_VERSION:
         raise ArtifactError(
             f"{path} is artifact format version {version}, newer than this kiln reads (up to {FORMAT_VERSION}). "
             f"Upgrade kiln (this is {data.get('kiln_version', '?')}'s format) or rebuild with this version"
         )
-    missing = [k for k in ("backend", "profile", "dims", "components", "files") if k not in data]
-    if missing:
-        raise ArtifactError(f"{path} lacks required fields {missing}; the artifact is damaged, rebuild it")
+    problems = manifest_problems(data)
+    if problems:
+        raise ArtifactError(f"{path} is not a manifest this kiln can read:\n"
+                            + format_table(["field", "expected", "found"], problems[:30])
+                            + (f"\n... and {len(problems) - 30} more" if len(problems) > 30 else "")
+                            + "\nThe artifact is damaged or was edited by hand; rebuild it")
     return manifest_from_dict(folder, data)
+
+
+def load_report(folder: Path | str) -> dict[str, Any]:
+    """report.json ({} when the artifact has none), its shape checked like the manifest's."""
+    path = Path(folder) / REPORT_FILE
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ArtifactError(f"{path} is not valid JSON ({exc}); the artifact is damaged, rebuild it") from exc
+    problems = report_problems(data)
+    if problems:
+        raise ArtifactError(f"{path} is not a report this kiln can read:\n"
+                            + format_table(["field", "expected", "found"], problems[:30]) + "\nRebuild the artifact")
+    return data
 
 
 def manifest_from_dict(folder: Path, data: Mapping[str, Any]) -> Manifest:
@@ -196,6 +220,7 @@ def manifest_record(export: Mapping[str, Any], *, backend: Mapping[str, Any], co
         "profile": export["profile"],
         "dims": export["dims"],
         "exporter": export["exporter"],
+        "assets": list(export.get("assets", DEFAULT_ASSETS)),
         "backend": dict(backend),
         "components": {name: dict(c) for name, c in components.items()},
     }

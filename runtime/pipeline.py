@@ -10,7 +10,8 @@ from pathlib import Path
 
 from runtime import families
 from runtime.errors import ArtifactError
-from runtime.manifest import Manifest, load_manifest, verify_files
+from runtime.integrity import check_artifact
+from runtime.manifest import Manifest, load_manifest
 from runtime.requests import check_request  # noqa: F401  (kept importable from here)
 
 log = logging.getLogger(__name__)
@@ -22,8 +23,9 @@ def load_pipeline(folder: str | Path, task: str = "text2img", backend: str | Non
     family and task (for SD: StableDiffusionPipeline for task="text2img",
     StableDiffusionImg2ImgPipeline for task="img2img").
 
-    Checks the manifest format, every file's checksum (verify=True) and the backend before any engine
-    is created; each call is checked against the manifest's shape ranges before anything runs.
+    Checks the manifest's schema, that every file it reads lies inside the folder and is listed,
+    every file's checksum (verify=True) and the backend before any engine is created; each call is
+    checked against the manifest's shape ranges before anything runs.
 
     TensorRT artifacts only: `cuda_graphs` captures each engine's enqueue per input shape and
     replays it; `weight_streaming_budget` (bytes, "auto", or {component: either}) keeps only that
@@ -40,8 +42,7 @@ def load_pipeline(folder: str | Path, task: str = "text2img", backend: str | Non
     missing = [c for c in needed if c not in manifest.components]
     if missing:
         raise ArtifactError(f"{folder} has no {', '.join(missing)} engine, which task {task!r} needs; rebuild with them")
-    if verify:
-        verify_files(manifest)
+    check_artifact(manifest, needed, verify=verify)
     return pipeline_from_manifest(manifest, task, cuda_graphs=cuda_graphs, weight_streaming_budget=weight_streaming_budget)
 
 

@@ -1,27 +1,31 @@
 """The HTTP service: `kiln serve DIR` (FastAPI + uvicorn), one pipeline behind one batcher.
 
-POST /v1/images   JSON {prompt, negative_prompt, height, width, steps, guidance_scale, seed, scheduler}
-                  → image/png when the Accept header asks for it, else JSON {"image": base64 PNG, ...}
-GET  /healthz     200 {"status": "ok"} once the engines are loaded
-GET  /metrics     Prometheus text: requests, errors, refusals, batch sizes, queue depth, latency
+POST /v1/images  JSON {prompt, negative_prompt, height, width, steps, guidance_scale, seed, scheduler}
+                 → image/png when the Accept header asks for it, else JSON {"image": base64 PNG, ...}
+GET  /healthz    liveness: 200 unless the worker hangs or an engine failed beyond repair
+GET  /readyz     readiness: 200 once the pipeline is loaded, 503 while loading or draining
+GET  /metrics    Prometheus (prometheus_client)
 
-Bad fields get 422 naming the field and what is allowed; a full queue gets 429 with Retry-After; bodies
-over MAX_BODY_BYTES get 413. fastapi and uvicorn are imported only when the app is built.
+Every request answers once: 422 names the field (bad fields, prompts over the token limit, sizes
+outside the engines), 429 with Retry-After when the queue is full, 503 while loading or draining,
+504 past its deadline (the server's, or a shorter X-Request-Timeout of the client's), 500 with a
+request id when the engines fail, 413 for bodies over the limit, 401 without the API key. A client
+that leaves is not computed. fastapi, uvicorn and prometheus_client are imported only when the app
+is built (the serving extra).
 """
 
+import asyncio
 import base64
 import io
 import logging
-import time
 from dataclasses import dataclass
 
-from runtime.batcher import Batcher, ImageRequest
-from runtime.errors import QueueFullError, RequestError, ShuttingDownError
+from runtime.errors import FatalEngineError, QueueFullError, RequestError, ShuttingDownError
+from runtime.health import Health, is_fatal
 
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 16 * 1024
-LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, float("inf"))
 
 
 @dataclass(frozen=True)
@@ -31,144 +35,217 @@ class ServeOptions:
     max_batch: int = 8
     max_wait: float = 0.1
     max_queue: int = 64
+    request_timeout: float = 60.0  # seconds from arrival to answer; past it 504
+    drain_timeout: float = 30.0  # seconds a stopping service finishes queued work (Kubernetes' grace period)
+    hang_timeout: float = 300.0  # seconds one batch may run before /healthz fails
+    api_key: str | None = None
+    truncate_prompts: bool = False  # cut prompts to the text encoder's length instead of refusing them
+    log_json: bool = False
+    max_body_bytes: int = MAX_BODY_BYTES
 
 
-class Metrics:
-    def __init__(self):
-        self.latency = [0] * len(LATENCY_BUCKETS)
-        self.latency_sum = 0.0
-        self.responses: dict[int, int] = {}
-
-    def observe(self, status: int, seconds: float) -> None:
-        self.responses[status] = self.responses.get(status, 0) + 1
-        if status == 200:
-            self.latency_sum += seconds
-            for i, bound in enumerate(LATENCY_BUCKETS):
-                if seconds <= bound:
-                    self.latency[i] += 1
-
-    def render(self, batcher: Batcher) -> str:
-        s = batcher.stats
-        lines = ["# TYPE kiln_requests_total counter", f"kiln_requests_total {s.requests}",
-                 "# TYPE kiln_errors_total counter", f"kiln_errors_total {s.errors}",
-                 "# TYPE kiln_refused_total counter", f"kiln_refused_total {s.refused}",
-                 "# TYPE kiln_queue_depth gauge", f"kiln_queue_depth {batcher.depth}",
-                 "# TYPE kiln_batches_total counter"]
-        lines += [f'kiln_batches_total{{size="{n}"}} {c}' for n, c in sorted(s.batch_sizes.items())]
-        lines.append("# TYPE kiln_http_responses_total counter")
-        lines += [f'kiln_http_responses_total{{code="{c}"}} {n}' for c, n in sorted(self.responses.items())]
-        lines.append("# TYPE kiln_request_latency_seconds histogram")
-        for bound, count in zip(LATENCY_BUCKETS, self.latency):
-            le = "+Inf" if bound == float("inf") else f"{bound:g}"
-            lines.append(f'kiln_request_latency_seconds_bucket{{le="{le}"}} {count}')
-        lines += [f"kiln_request_latency_seconds_sum {self.latency_sum:.6f}",
-                  f"kiln_request_latency_seconds_count {self.latency[-1]}"]
-        return "\n".join(lines) + "\n"
+def encode_png(image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
-def create_app(folder, options: ServeOptions = ServeOptions(), pipe=None):
-    """The FastAPI app for the artifact in `folder` (or an already loaded `pipe`)."""
+async def _disconnected(receive) -> None:
+    """Returns when the client has gone (after its body was read)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+def create_app(folder, options: ServeOptions = ServeOptions(), pipe=None, on_fatal=None):
+    """The FastAPI app for the artifact in `folder` (or an already loaded `pipe`). The pipeline loads
+    in the background while /healthz answers and /readyz says loading. `on_fatal(reason)` is called
+    once when the service can no longer work (the pipeline did not load, an engine failed beyond
+    repair): `serve` stops the process with an error then."""
     import contextlib
 
     from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse, PlainTextResponse, Response
-    from pydantic import BaseModel, Field, field_validator
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, Response
 
-    from runtime.pipeline import load_pipeline
+    from runtime.api import image_request_model, validation_errors
+    from runtime.batcher import Batcher
+    from runtime.http_layers import ApiKey, BodyLimit, RequestContext
+    from runtime.manifest import load_manifest
+    from runtime.metrics import ServiceMetrics
 
-    if pipe is None:
-        pipe = load_pipeline(folder)
-    pipe.set_progress_bar_config(disable=True)
-    manifest = pipe.manifest
-    (h_lo, _, h_hi), (w_lo, _, w_hi) = manifest.shape_range("height"), manifest.shape_range("width")
-    multiple = manifest.size_multiple
+    manifest = pipe.manifest if pipe is not None else load_manifest(folder)  # a damaged folder fails here, at once
+    Body = image_request_model(manifest)
+    health = Health(hang_timeout=options.hang_timeout)
+    state = {"batcher": None}
+    metrics = ServiceMetrics(lambda: state["batcher"])
 
-    class Body(BaseModel):
-        model_config = {"extra": "forbid"}
-        prompt: str = Field(min_length=1, max_length=2000)
-        negative_prompt: str | None = Field(default=None, max_length=2000)
-        height: int | None = None
-        width: int | None = None
-        steps: int | None = Field(default=None, ge=1, le=200)  # None: the family's default (runtime.families)
-        guidance_scale: float | None = Field(default=None, ge=0, le=30)
-        seed: int = Field(default=0, ge=0, le=2**63 - 1)
-        scheduler: str | None = None
+    def fail(reason: str) -> None:
+        if health.fatal is None:
+            health.fatal = reason
+            log.error("the service cannot go on: %s", reason)
+            if on_fatal is not None:
+                on_fatal(reason)
 
-        @field_validator("height", "width")
-        @classmethod
-        def _in_profile(cls, value, info):
-            lo, hi = (h_lo, h_hi) if info.field_name == "height" else (w_lo, w_hi)
-            if value is not None and (not lo <= value <= hi or value % multiple):
-                raise ValueError(f"{info.field_name} {value} is outside what these engines were built for: "
-                                 f"{lo}..{hi}, a multiple of {multiple}")
-            return value
+    def start(loaded) -> None:
+        loaded.set_progress_bar_config(disable=True)
+        batcher = Batcher(loaded, options.max_batch, options.max_wait, options.max_queue, options.truncate_prompts)
+        batcher.start()
+        state["batcher"], app.state.batcher = batcher, batcher
+        health.loaded = True
+        log.info("serving %s (max batch %d, max wait %.0f ms, queue %d, deadline %.0f s)", manifest.folder,
+                 batcher.max_batch, options.max_wait * 1000, options.max_queue, options.request_timeout)
 
-    batcher = Batcher(pipe, options.max_batch, options.max_wait, options.max_queue)
-    metrics = Metrics()
+    async def load() -> None:
+        from runtime.pipeline import load_pipeline
+
+        try:
+            loaded = await asyncio.to_thread(load_pipeline, folder)
+        except Exception as exc:  # the artifact or engines are unusable: the service cannot start
+            health.load_error = str(exc)
+            fail(f"the pipeline could not be loaded: {exc}")
+            return
+        start(loaded)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
-        batcher.start()
-        log.info("serving %s (max batch %d, max wait %.0f ms, queue %d)", manifest.folder, batcher.max_batch,
-                 options.max_wait * 1000, options.max_queue)
+        loading = None
+        if pipe is not None:
+            start(pipe)
+        else:
+            loading = asyncio.create_task(load())
         yield
-        await batcher.stop()  # finishes what is queued and in flight
+        health.draining = True
+        if loading is not None:
+            loading.cancel()
+        if state["batcher"] is not None:
+            await state["batcher"].stop()  # finishes what is queued and in flight
 
     app = FastAPI(title="kiln", lifespan=lifespan)
-    app.state.batcher = batcher
-
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next):
-        length = request.headers.get("content-length")
-        if length is not None and int(length) > MAX_BODY_BYTES:
-            return JSONResponse({"detail": f"body of {length} bytes is over the limit of {MAX_BODY_BYTES}"}, 413)
-        return await call_next(request)
-
-    @app.get("/healthz")
-    async def healthz():
-        return {"status": "ok", "queue_depth": batcher.depth}
-
-    @app.get("/metrics")
-    async def prometheus():
-        return PlainTextResponse(metrics.render(batcher), media_type="text/plain; version=0.0.4")
+    app.state.batcher = None
+    app.state.health = health
+    app.state.options = options
 
     def _error(status: int, field: str | None, message: str, headers=None):
         """422s keep FastAPI's shape ([{"loc", "msg"}], "loc" naming the field where one is at fault)."""
         detail = [{"loc": ["body", field] if field else ["body"], "msg": message}] if status == 422 else message
         return JSONResponse({"detail": detail}, status, headers=headers)
 
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError):
+        return JSONResponse({"detail": validation_errors(exc)}, 422)
+
+    @app.get("/healthz")
+    async def healthz():
+        alive, why = health.liveness(state["batcher"])
+        return JSONResponse({"status": "ok" if alive else "failing", "reason": why}, 200 if alive else 503)
+
+    @app.get("/readyz")
+    async def readyz():
+        ready, why = health.readiness(state["batcher"])
+        batcher = state["batcher"]
+        return JSONResponse({"status": why, "queue_depth": batcher.depth if batcher else 0}, 200 if ready else 503)
+
+    @app.get("/metrics")
+    async def prometheus():
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
+
     @app.post("/v1/images")
     async def images(body: Body, request: Request):
-        started = time.perf_counter()
-        req = ImageRequest(body.prompt, body.negative_prompt, body.height, body.width, body.steps, body.guidance_scale,
-                           body.seed, body.scheduler)
+        info = request.scope["state"].get("kiln", {})
+        ready, why = health.readiness(state["batcher"])
+        if not ready:
+            return _error(503, None, f"not ready ({why}); retry shortly or on another replica",
+                          headers={"Retry-After": "5"})
+        timeout = options.request_timeout
+        asked = request.headers.get("x-request-timeout")  # a client's own, shorter deadline
+        if asked is not None:
+            try:
+                timeout = min(timeout, float(asked))
+            except ValueError:
+                timeout = float("nan")
+            if not timeout > 0:
+                return JSONResponse({"detail": [{"loc": ["header", "x-request-timeout"],
+                                                 "msg": f"expected seconds > 0, got {asked!r}"}]}, 422)
+        batcher = state["batcher"]
+        work = asyncio.ensure_future(batcher.submit(body.to_request(), info))
+        gone = asyncio.ensure_future(_disconnected(request.receive))
         try:
-            image = await batcher.submit(req)
+            done, _ = await asyncio.wait({work, gone}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+        if work not in done:
+            work.cancel()  # not computed if its batch has not started; its result is dropped if it has
+            if gone in done:
+                metrics.disconnects.inc()
+                return Response(status_code=499)  # nobody reads it: the client closed the connection
+            metrics.timeouts.inc()
+            return _error(504, None, f"no image within the deadline of {timeout:g} s "
+                                     f"(request {info.get('request_id')}); retry with fewer steps or later")
+        try:
+            image = work.result()
         except QueueFullError as exc:
-            metrics.observe(429, 0)
             return _error(429, None, str(exc), headers={"Retry-After": str(int(round(exc.retry_after)))})
-        except RequestError as exc:  # this request cannot be served as asked (size, steps, scheduler)
-            metrics.observe(422, 0)
+        except RequestError as exc:  # this request cannot be served as asked (size, steps, scheduler, prompt)
             return _error(422, exc.field, str(exc))
         except ShuttingDownError as exc:
-            metrics.observe(503, 0)
             return _error(503, None, str(exc))
         except Exception as exc:  # the batch failed: this request's error, the service goes on
-            metrics.observe(500, 0)
-            return _error(500, None, f"generation failed: {exc}")
-        buffer = io.BytesIO()
-        image.save(buffer, format="PNG")
-        metrics.observe(200, time.perf_counter() - started)
+            rid = info.get("request_id")
+            log.error("request %s: generation failed: %s: %s", rid, type(exc).__name__, exc)
+            if is_fatal(exc):
+                fail(f"{type(exc).__name__}: {exc}")
+            return _error(500, None, f"generation failed (request {rid}); the server log has the details")
+        png = await asyncio.to_thread(encode_png, image)  # 50-150 ms for 512-1024 px: not on the event loop
         if "image/png" in request.headers.get("accept", ""):
-            return Response(buffer.getvalue(), media_type="image/png")
-        return {"image": base64.b64encode(buffer.getvalue()).decode(), "seed": body.seed, "size": list(image.size)}
+            return Response(png, media_type="image/png")
+        encoded = await asyncio.to_thread(lambda: base64.b64encode(png).decode())
+        return {"image": encoded, "seed": body.seed, "size": list(image.size)}
 
+    app.add_middleware(BodyLimit, limit=options.max_body_bytes)
+    app.add_middleware(ApiKey, key=options.api_key)
+    app.add_middleware(RequestContext, metrics=metrics, log_json=options.log_json)
     return app
 
 
-def serve(folder, options: ServeOptions = ServeOptions()) -> None:
-    """Run the service until interrupted; a signal finishes the requests in flight first."""
+def serve(folder, options: ServeOptions = ServeOptions(), pipe=None) -> None:
+    """Run the service until a signal: then /readyz turns false, new requests get 503, queued ones
+    finish (at most `drain_timeout` seconds), and the process exits. An unrecoverable engine error
+    stops it with FatalEngineError, so that an orchestrator restarts it."""
+    import time
+
     import uvicorn
 
-    uvicorn.run(create_app(folder, options), host=options.host, port=options.port, log_level="info",
-                timeout_graceful_shutdown=120)
+    class KilnServer(uvicorn.Server):
+        """uvicorn, with a drain before the shutdown: the first signal stops readiness and new work,
+        the queue empties (or drain_timeout passes), then uvicorn stops as usual."""
+
+        drain_deadline: float | None = None
+
+        def handle_exit(self, sig, frame):
+            health = app.state.health
+            if health.draining or self.should_exit:
+                return super().handle_exit(sig, frame)  # a second signal: uvicorn's own (force)
+            log.info("draining: finishing queued requests (at most %.0f s), refusing new ones", options.drain_timeout)
+            health.draining = True
+            self.drain_deadline = time.monotonic() + options.drain_timeout
+
+        async def on_tick(self, counter: int) -> bool:
+            batcher = app.state.batcher
+            if self.drain_deadline is not None and not self.should_exit and (
+                    batcher is None or batcher.idle or time.monotonic() > self.drain_deadline):
+                self.should_exit = True
+            return await super().on_tick(counter)
+
+    fatal: list[str] = []
+
+    def on_fatal(reason: str) -> None:
+        fatal.append(reason)
+        server.should_exit = True
+
+    app = create_app(folder, options, pipe=pipe, on_fatal=on_fatal)
+    server = KilnServer(uvicorn.Config(app, host=options.host, port=options.port, log_level="info",
+                                       timeout_graceful_shutdown=int(options.drain_timeout) or 1))
+    server.run()
+    if fatal:
+        raise FatalEngineError(f"the service stopped: {fatal[0]}")

@@ -39,7 +39,7 @@ def load_pipeline(folder: Path):
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline.from_pretrained(
-        folder, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        folder, safety_checker=None, feature_extractor=None, requires_safety_checker=False, use_safetensors=True,
     )
     for module in (pipe.unet, pipe.vae, pipe.text_encoder):
         module.to(torch.float32).eval()

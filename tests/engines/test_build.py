@@ -104,3 +104,43 @@ def test_report_records_parity(tiny_artifact):
         assert [r["point"] for r in report["export_parity"][name]] == ["min", "opt", "max"]
         (engine,) = report["engine_parity"][name]
         assert engine["ok"] and engine["max_abs_err"] < engine["tolerance"]
+
+
+def test_sigterm_during_a_build_leaves_nothing_behind(tiny_export, tmp_path):
+    """kiln build, stopped with SIGTERM as it builds: the same cleanup as Ctrl-C, exit 128 + 15."""
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    process = subprocess.Popen([sys.executable, "-m", "kiln", "build", str(tiny_export), "--out", str(tmp_path / "out"),
+                                "--backend", "onnxruntime"], cwd=root, stderr=subprocess.PIPE, text=True)
+    for line in process.stderr:
+        if line.startswith("[1/"):
+            process.send_signal(signal.SIGTERM)
+            break
+    rest = process.stderr.read()
+    assert process.wait(60) == 143, rest
+    assert "stopped by SIGTERM: nothing half-written was kept" in rest
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.model
+def test_tracing_files_go_beside_the_output(tmp_path, monkeypatch):
+    import tempfile
+
+    from exporters.export import ExportOptions, export_model
+    from exporters.resolve import resolve_model
+
+    folders = []
+    real = tempfile.TemporaryDirectory
+
+    def recording(*args, **kwargs):
+        folders.append(kwargs.get("dir"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tempfile, "TemporaryDirectory", recording)
+    source, profile = resolve_model("tiny")
+    export_model(source, profile, tmp_path / "exp", ExportOptions(components=("text_encoder",), check_points=("min",)))
+    assert folders and all(f is not None and str(f).startswith(str(tmp_path.resolve())) for f in folders), folders

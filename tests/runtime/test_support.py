@@ -129,3 +129,14 @@ def test_unet_shim_refuses_conditions_the_engine_lacks_or_needs():
     with pytest.raises(RequestError, match="does not support cross_attention_kwargs") as err:
         UNetShim(_Engine(), {}, "cpu")(*_args(), cross_attention_kwargs={"scale": 0.5})
     assert err.value.field == "cross_attention_kwargs"
+
+
+def test_prompts_are_counted_with_a_copy_of_the_tokenizer(tmp_path):
+    """The engine thread encodes with the pipeline's tokenizer while requests are counted on the
+    event loop; a tokenizer keeps its padding settings on the object, so the two must not share it."""
+    from runtime.batcher import counting_tokenizer
+    from tests.stub_pipe import StubPipe
+
+    pipe = StubPipe(tmp_path / "a")
+    tokenizer = counting_tokenizer(pipe)
+    assert tokenizer is not pipe.tokenizer and counting_tokenizer(pipe) is tokenizer

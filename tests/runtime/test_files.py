@@ -1,0 +1,91 @@
+"""Writes that survive a kill at any moment: the atomic folder swap, the output lock and its cleanup
+of what killed runs left, full disks, and atomic file writes."""
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import sys
+import textwrap
+from collections import namedtuple
+
+import pytest
+
+from runtime import files
+from runtime.errors import BusyError, DiskFullError
+from runtime.files import atomic_folder, exchange, output_lock
+
+Usage = namedtuple("Usage", "total used free")
+
+
+def _write(folder, text):
+    (folder / "manifest.json").write_text(text)
+
+
+def test_replacing_a_folder_never_leaves_the_path_empty(tmp_path, monkeypatch):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    if not exchange(tmp_path / "a", tmp_path / "b"):
+        pytest.skip("this system cannot exchange two paths atomically (renameat2); kiln falls back to two renames")
+    os.rmdir(tmp_path / "a")
+    os.rmdir(tmp_path / "b")
+    target = tmp_path / "art"
+    with atomic_folder(target) as tmp:
+        _write(tmp, "old")
+    seen = []
+    real_rename = os.rename
+
+    def watching_rename(a, b):  # the fallback swap would be seen here with the path gone
+        seen.append((a, b))
+        return real_rename(a, b)
+
+    monkeypatch.setattr(os, "rename", watching_rename)
+    with atomic_folder(target) as tmp:
+        _write(tmp, "new")
+        assert (target / "manifest.json").read_text() == "old"  # the old one stays until the swap
+    assert (target / "manifest.json").read_text() == "new"
+    assert seen == []  # one exchange, no rename through an empty path
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]
+
+
+def test_stale_temporary_folders_of_killed_runs_are_removed(tmp_path):
+    for kind in ("partial", "export", "old"):
+        (tmp_path / f".art.{kind}-dead1234").mkdir()
+    (tmp_path / ".other.partial-keep").mkdir()  # another output's: not ours to remove
+    with atomic_folder(tmp_path / "art") as tmp:
+        _write(tmp, "x")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.partial-keep", "art"]
+
+
+def test_an_output_being_written_by_another_process_is_busy(tmp_path):
+    script = textwrap.dedent(f"""
+        import sys, time
+        from runtime.files import output_lock
+        with output_lock({str(tmp_path / 'art')!r}):
+            print('held', flush=True)
+            time.sleep(30)
+    """)
+    holder = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                              cwd=os.path.dirname(os.path.dirname(files.__file__)))
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(BusyError, match="another kiln process is writing"), output_lock(tmp_path / "art"):
+            pass
+    finally:
+        holder.kill()
+        holder.wait()
+    with output_lock(tmp_path / "art"):  # a killed holder's lock is free again
+        with output_lock(tmp_path / "art"):  # and re-entrant within a process
+            pass
+
+
+def test_a_full_disk_is_refused_before_work_and_named_after_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(files.shutil, "disk_usage", lambda p: Usage(10 * 2**30, 0, 5 * 2**20))
+    with pytest.raises(DiskFullError, match=r"no space left for .*art: it needs about 100 MiB and 5 MiB are free"):
+        with atomic_folder(tmp_path / "art", needed_bytes=100 * 2**20):
+            raise AssertionError("no work should start")
+    with pytest.raises(DiskFullError) as err, atomic_folder(tmp_path / "art", needed_bytes=2**20) as tmp:
+        _write(tmp, "part")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    assert err.value.folder == (tmp_path / "art").resolve() and err.value.free == 5 * 2**20
+    assert list(tmp_path.iterdir()) == []
