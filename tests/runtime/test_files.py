@@ -89,3 +89,17 @@ def test_a_full_disk_is_refused_before_work_and_named_after_it(tmp_path, monkeyp
         raise OSError(errno.ENOSPC, "No space left on device")
     assert err.value.folder == (tmp_path / "art").resolve() and err.value.free == 5 * 2**20
     assert list(tmp_path.iterdir()) == []
+
+
+def test_every_file_and_folder_is_on_disk_before_the_swap(tmp_path, monkeypatch):
+    synced, order = [], []
+    real_fsync, real_replace = os.fsync, files.replace_folder
+    monkeypatch.setattr(files.os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}")) or real_fsync(fd))
+    monkeypatch.setattr(files, "replace_folder", lambda new, target: order.append(len(synced)) or real_replace(new, target))
+    with atomic_folder(tmp_path / "art") as tmp:
+        (tmp / "sub").mkdir()
+        (tmp / "a.bin").write_bytes(b"a")
+        (tmp / "sub" / "b.bin").write_bytes(b"b")
+    before_swap = {os.path.relpath(p, tmp) for p in synced[:order[0]]}
+    assert {"a.bin", "sub/b.bin", "sub", "."} <= before_swap
+    assert str(tmp_path.resolve()) in synced[order[0]:]  # and the parent folder after it

@@ -451,3 +451,34 @@ def test_sigterm_drains_then_exits(tmp_path):
     finally:
         if process.poll() is None:
             process.kill()
+
+
+def test_an_unrecoverable_engine_error_stops_the_process_with_an_error(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = (f"from pathlib import Path\nfrom tests.stub_pipe import StubPipe\nfrom runtime.server import ServeOptions, serve\n"
+              f"pipe = StubPipe(Path({str(tmp_path / 'a')!r}))\n"
+              "pipe.fail = RuntimeError('CUDA error: an illegal memory access was encountered')\n"
+              f"serve(None, ServeOptions(port={port}, max_wait=0), pipe=pipe)\n")
+    process = subprocess.Popen([sys.executable, "-c", script], cwd=root, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert process.poll() is None and time.monotonic() < deadline
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        assert httpx.post(f"http://127.0.0.1:{port}/v1/images", json={"prompt": "FAIL"}, timeout=30).status_code == 500
+        code = process.wait(30)
+        assert code != 0 and "FatalEngineError" in process.stderr.read()
+    finally:
+        if process.poll() is None:
+            process.kill()
