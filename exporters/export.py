@@ -235,6 +235,7 @@ def onnx_from_torch(spec: ComponentSpec, module, ranges: dict[str, dict[str, lis
     with tempfile.TemporaryDirectory(dir=workdir) as tmp, warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr):
         warnings.simplefilter("ignore")
         path = Path(tmp) / "model.onnx"
+        system_tmp, tempfile.tempdir = tempfile.tempdir, tmp  # torch.onnx and onnxscript's own files go here too
         try:
             with torch.no_grad():
                 torch.onnx.export(module.eval(), args, str(path), **kwargs)
@@ -243,6 +244,8 @@ def onnx_from_torch(spec: ComponentSpec, module, ranges: dict[str, dict[str, lis
                 f"{spec.name}: torch.onnx.export ({options.exporter}) failed: {type(exc).__name__}: {exc}. "
                 f"Try --exporter {'torchscript' if options.exporter == 'dynamo' else 'dynamo'}"
             ) from exc
+        finally:
+            tempfile.tempdir = system_tmp
         return onnx.load(str(path))
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import sys
 import time
 from pathlib import Path
@@ -174,6 +175,9 @@ def serve(folder: Path, host, port, max_batch, max_wait_ms, max_queue, request_t
     from runtime.server import ServeOptions
     from runtime.server import serve as run_server
 
+    if log_json:  # the request lines are the point of the flag: shown whatever -q says
+        logging.getLogger("runtime.access").setLevel(logging.INFO)
+
     lazy_import("fastapi", install="pip install 'kiln[serve]'").load()
     run_server(folder, ServeOptions(host=host, port=port, max_batch=max_batch, max_wait=max_wait_ms / 1000,
                                     max_queue=max_queue, request_timeout=request_timeout, drain_timeout=drain_timeout,
@@ -191,12 +195,13 @@ def serve(folder: Path, host, port, max_batch, max_wait_ms, max_queue, request_t
 @click.option("--steps", default=4, show_default=True, type=click.IntRange(1, 1000))
 @click.option("--height", default=None, type=int)
 @click.option("--width", default=None, type=int)
+@click.option("--api-key", envvar="KILN_API_KEY", default=None, help="The service's API key (also $KILN_API_KEY).")
 @click.option("--json", "as_json", is_flag=True)
-def loadtest(url, clients, n_requests, duration, steps, height, width, as_json):
+def loadtest(url, clients, n_requests, duration, steps, height, width, api_key, as_json):
     """Concurrent clients against a kiln service at URL: throughput and p50/p95/p99 latency."""
     from kiln.loadtest import LoadOptions, run_load
 
-    report = run_load(url, LoadOptions(clients, n_requests, duration, steps, height, width))
+    report = run_load(url, LoadOptions(clients, n_requests, duration, steps, height, width, api_key=api_key))
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return

@@ -19,6 +19,8 @@ class LoadOptions:
     height: int | None = None
     width: int | None = None
     timeout: float = 300.0
+    api_key: str | None = None  # sent as Authorization: Bearer KEY
+    ready_wait: float = 60.0  # seconds to wait for /readyz (a service still loading its pipeline)
 
     def __post_init__(self):
         if self.clients < 1 or self.requests < 1 or self.duration <= 0:
@@ -51,7 +53,7 @@ async def _load(url: str, options: LoadOptions) -> dict:
             body.update({k: v for k, v in (("height", options.height), ("width", options.width)) if v})
             t0 = time.perf_counter()
             try:
-                r = await http.post(f"{url.rstrip('/')}/v1/images", json=body, headers={"Accept": "image/png"})
+                r = await http.post(f"{url.rstrip('/')}/v1/images", json=body, headers={"Accept": "image/png", **auth})
                 code = r.status_code
             except httpx.HTTPError:
                 code = -1
@@ -59,11 +61,9 @@ async def _load(url: str, options: LoadOptions) -> dict:
             if code == 200:
                 latencies.append(time.perf_counter() - t0)
 
+    auth = {"Authorization": f"Bearer {options.api_key}"} if options.api_key else {}
     async with httpx.AsyncClient(timeout=options.timeout) as http:
-        try:
-            (await http.get(f"{url.rstrip('/')}/healthz")).raise_for_status()
-        except httpx.HTTPError as exc:
-            raise ServiceUnavailableError(f"no kiln service answers at {url} ({exc}); start one with `kiln serve DIR`") from exc
+        await _wait_ready(http, url, options.ready_wait)
         await asyncio.gather(*(client(i, http) for i in range(options.clients)))
     seconds = time.perf_counter() - started
     ok = len(latencies)
@@ -74,6 +74,25 @@ async def _load(url: str, options: LoadOptions) -> dict:
         "latency_s": {"p50": percentile(latencies, 50), "p95": percentile(latencies, 95),
                       "p99": percentile(latencies, 99), "mean": statistics.mean(latencies)} if ok else None,
     }
+
+
+async def _wait_ready(http, url: str, seconds: float) -> None:
+    """Until /readyz says ready: a service that is down is an error at once, one still loading or
+    draining is waited for up to `seconds`."""
+    import httpx
+
+    deadline = time.perf_counter() + seconds
+    while True:
+        try:
+            r = await http.get(f"{url.rstrip('/')}/readyz")
+        except httpx.HTTPError as exc:
+            raise ServiceUnavailableError(f"no kiln service answers at {url} ({exc}); start one with `kiln serve DIR`") from exc
+        if r.status_code == 200:
+            return
+        if time.perf_counter() > deadline:
+            raise ServiceUnavailableError(f"the service at {url} is not ready after {seconds:.0f} s: "
+                                          f"{r.json().get('status', r.status_code) if r.content else r.status_code}")
+        await asyncio.sleep(0.5)
 
 
 def run_load(url: str, options: LoadOptions = LoadOptions()) -> dict:

@@ -13,11 +13,12 @@ from __future__ import annotations
 import asyncio
 import copy
 import logging
+import queue
+import threading
 import time
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
@@ -68,6 +69,44 @@ class BatcherStats:
     batch_sizes: dict[int, int] = field(default_factory=dict)
 
 
+class EngineWorker:
+    """The one thread that runs the engines (they are not thread-safe). A daemon thread: a call
+    that hangs in an engine cannot keep the process from exiting."""
+
+    def __init__(self):
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._loop, name="kiln-engines", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            loop, future, fn, args = job
+            try:
+                result = fn(*args)
+            except BaseException as exc:  # handed to the awaiting coroutine
+                loop.call_soon_threadsafe(_settle, future, None, exc)
+            else:
+                loop.call_soon_threadsafe(_settle, future, result, None)
+
+    def run(self, fn, *args) -> asyncio.Future:
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._jobs.put((loop, future, fn, args))
+        return future
+
+    def close(self) -> None:
+        self._jobs.put(None)
+
+
+def _settle(future: asyncio.Future, result, exc) -> None:
+    if future.cancelled():
+        return
+    if exc is not None:
+        future.set_exception(exc)
+    else:
+        future.set_result(result)
+
+
 def split_groups(pending: list, key: Callable[[Any], tuple], limit: int) -> list[list]:
     """Group items by key (first-come order kept), then cut each group into chunks of at most `limit`."""
     groups: OrderedDict[tuple, list] = OrderedDict()
@@ -94,7 +133,7 @@ class Batcher:
         self._queue: list[_Pending] = []
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kiln-batch")
+        self._worker = EngineWorker()
         self._stopping = False
         self._base_scheduler = pipe.scheduler.config
         self.truncate_prompts = truncate_prompts
@@ -115,13 +154,29 @@ class Batcher:
         self._wakeup = asyncio.Event()
         self._task = asyncio.get_running_loop().create_task(self._run())
 
-    async def stop(self) -> None:
+    async def stop(self, timeout: float | None = None) -> bool:
+        """Refuse new requests, finish what is queued and in flight (at most `timeout` seconds),
+        then stop. False when time ran out (a batch still running, e.g. a hung engine)."""
         self._stopping = True
         if self._wakeup:
             self._wakeup.set()
+        finished = True
         if self._task:
-            await self._task
-        self._executor.shutdown(wait=True)
+            try:
+                await asyncio.wait_for(asyncio.shield(self._task), timeout)
+            except asyncio.TimeoutError:
+                finished = False
+                self.abort_queued(ShuttingDownError("the server stopped before this request's turn; retry"))
+        self._worker.close()
+        return finished
+
+    def abort_queued(self, error: Exception) -> int:
+        """Answer every queued request (not the batch in flight) with `error`; how many there were."""
+        pending, self._queue = self._queue, []
+        for p in pending:
+            if not p.future.done():
+                p.future.set_exception(error)
+        return len(pending)
 
     async def submit(self, request: ImageRequest, info: dict | None = None):
         """The image for `request`; `info`, if given, gets the batch's size and the queue wait."""
@@ -133,10 +188,17 @@ class Batcher:
             self.stats.refused += 1
             raise QueueFullError(len(self._queue), max(1.0, self.last_batch_seconds))
         future = asyncio.get_running_loop().create_future()
-        self._queue.append(_Pending(request, future, info))
+        pending = _Pending(request, future, info)
+        self._queue.append(pending)
         self.stats.requests += 1
         self._wakeup.set()
-        return await future
+        try:
+            return await future
+        except asyncio.CancelledError:  # the client left or its deadline passed: out of the queue at once
+            if pending in self._queue:
+                self._queue.remove(pending)
+                self.stats.dropped += 1
+            raise
 
     async def _run(self) -> None:
         while True:
@@ -173,13 +235,12 @@ class Batcher:
                 return
 
     async def _run_batch(self, batch: list[_Pending]) -> None:
-        loop = asyncio.get_running_loop()
         started = self.running_since = time.perf_counter()
         for p in batch:
             if p.info is not None:
                 p.info.update(batch_size=len(batch), queue_wait_s=started - p.enqueued)
         try:
-            images = await loop.run_in_executor(self._executor, self._generate, [p.request for p in batch])
+            images = await self._worker.run(self._generate, [p.request for p in batch])
         except Exception as exc:  # the batch's error is its requests' error; the batcher goes on
             self.stats.errors += len(batch)
             log.warning("batch of %d failed: %s", len(batch), exc)

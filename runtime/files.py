@@ -5,11 +5,13 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import glob
 import hashlib
 import os
 import platform
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,7 +20,6 @@ from runtime.errors import BusyError, DiskFullError
 # temporary siblings of an output NAME: being written (.partial), an export on its way (.export),
 # the old copy of a two-rename swap (.old); any of them found while holding NAME's lock is stale
 TEMP_KINDS = ("partial", "export", "old")
-_HELD: dict[Path, int] = {}  # outputs whose lock this process holds (re-entrant, by resolved path)
 
 
 def kiln_cache_dir() -> Path:
@@ -43,6 +44,18 @@ def folder_checksums(folder: Path) -> dict[str, str]:
     }
 
 
+def path_problem(folder: Path, rel: str) -> str | None:
+    """Why `rel` is not a plain relative path that stays inside `folder` once symlinks are
+    resolved, or None when it is one."""
+    if not isinstance(rel, str) or not rel or rel.startswith("/") or "\\" in rel or ":" in rel \
+            or any(p in ("", ".", "..") for p in rel.split("/")):
+        return "not a plain relative path inside the folder"
+    target = (Path(folder) / rel).resolve()
+    if not target.is_relative_to(Path(folder).resolve()):
+        return f"resolves outside the folder (to {target})"
+    return None
+
+
 def temp_sibling(target: Path, kind: str) -> Path:
     """A new temporary folder beside `target` (same file system, so renames are atomic)."""
     path = Path(tempfile.mkdtemp(prefix=f".{target.name}.{kind}-", dir=target.parent))
@@ -50,48 +63,109 @@ def temp_sibling(target: Path, kind: str) -> Path:
     return path
 
 
-def lock_path(target: Path) -> Path:
-    """Where the lock of output `target` lives: in kiln's cache (keyed by the output's path), so that
-    nothing is left beside the output; beside it where the cache cannot be written."""
-    key = hashlib.sha256(str(Path(target).resolve()).encode()).hexdigest()[:32]
-    folder = kiln_cache_dir() / "locks"
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        return folder / f"{key}.lock"
-    except OSError:
-        return Path(target).with_name(f".{Path(target).name}.lock")
+class _OutputLocks:
+    """Which outputs this process is writing, and from which thread (re-entrant per thread)."""
+
+    def __init__(self):
+        self._guard = threading.Lock()
+        self._held: dict[Path, tuple[int, int]] = {}  # path -> (thread id, depth)
+
+    def enter(self, target: Path) -> bool:
+        """True when this thread holds `target` already (re-entry); BusyError for another thread."""
+        with self._guard:
+            owner, depth = self._held.get(target, (None, 0))
+            if owner is None:
+                return False
+            if owner != threading.get_ident():
+                raise BusyError(f"another thread of this process is writing {target}")
+            self._held[target] = (owner, depth + 1)
+            return True
+
+    def hold(self, target: Path) -> None:
+        with self._guard:
+            self._held[target] = (threading.get_ident(), 1)
+
+    def leave(self, target: Path) -> bool:
+        """True when this was the outermost hold."""
+        with self._guard:
+            owner, depth = self._held[target]
+            if depth > 1:
+                self._held[target] = (owner, depth - 1)
+                return False
+            del self._held[target]
+            return True
+
+
+_LOCKS = _OutputLocks()
+
+
+def _lock_file(path: Path) -> int:
+    """An exclusive flock on `path` (created), or BusyError at once. The lock file is removed when
+    released, so a holder checks it locked the file that is still at `path` (not one just removed)."""
+    import fcntl
+
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise BusyError(f"another kiln process is writing {path.name[1:-5]} in {path.parent} right now; "
+                            "wait for it, or write elsewhere") from None
+        try:
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fd
+        os.close(fd)  # the previous holder removed it while we waited for it: lock the new one
+
+
+def _unlock_file(path: Path, fd: int) -> None:
+    import fcntl
+
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)  # before unlocking: whoever gets the old file next sees it is gone
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    os.close(fd)
+
+
+def _recover(target: Path) -> None:
+    """Remove what killed runs left beside `target`. Where a two-rename swap was cut between its
+    renames (no target, an .old copy), the old copy is put back first: it is complete."""
+    pattern = f".{glob.escape(target.name)}.{{}}-*"
+    olds = sorted(target.parent.glob(pattern.format("old")), key=lambda p: p.stat().st_mtime)
+    if not target.exists() and not target.is_symlink() and olds:
+        olds.pop().rename(target)
+    for kind in TEMP_KINDS:
+        for stale in target.parent.glob(pattern.format(kind)):
+            shutil.rmtree(stale, ignore_errors=True)
 
 
 @contextlib.contextmanager
 def output_lock(target: Path) -> Iterator[None]:
-    """Hold the lock of output `target` while it is made. The first holder removes temporary
-    siblings that killed runs left behind: with the lock held, nobody else can be writing them.
-    Re-entrant within a process; another process gets BusyError at once."""
-    from filelock import FileLock, Timeout
-
+    """Hold the lock of output `target` (`.NAME.lock` beside it, removed when released) while it is
+    made. The first holder removes temporary siblings that killed runs left behind: with the lock
+    held, nobody else can be writing them. Re-entrant within a thread; another process or thread
+    gets BusyError at once."""
     target = Path(target).resolve()
-    if target in _HELD:
-        _HELD[target] += 1
+    if _LOCKS.enter(target):
         try:
             yield
         finally:
-            _HELD[target] -= 1
+            _LOCKS.leave(target)
         return
     target.parent.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(lock_path(target)))
+    path = target.with_name(f".{target.name}.lock")
+    fd = _lock_file(path) if os.name == "posix" else None
+    _LOCKS.hold(target)
     try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        raise BusyError(f"another kiln process is writing {target} right now; wait for it, or write elsewhere") from None
-    _HELD[target] = 1
-    try:
-        for kind in TEMP_KINDS:
-            for stale in target.parent.glob(f".{target.name}.{kind}-*"):
-                shutil.rmtree(stale, ignore_errors=True)
+        _recover(target)
         yield
     finally:
-        del _HELD[target]
-        lock.release()
+        _LOCKS.leave(target)
+        if fd is not None:
+            _unlock_file(path, fd)
 
 
 @contextlib.contextmanager
@@ -133,6 +207,8 @@ def fsync_tree(folder: Path) -> None:
 
 
 def fsync_dir(folder: Path) -> None:
+    if os.name != "posix":  # a folder cannot be opened for fsync there; its entries are flushed with it
+        return
     fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -177,7 +253,7 @@ def exchange(a: Path, b: Path) -> bool:
     if result == 0:
         return True
     err = ctypes.get_errno()
-    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EXDEV):
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EXDEV, errno.EPERM):  # EPERM: a seccomp filter
         return False
     raise OSError(err, os.strerror(err), str(b))
 

@@ -18,8 +18,8 @@ def is_fatal(exc: BaseException) -> bool:
 
     if isinstance(exc, FatalEngineError):
         return True
-    text = str(exc)
-    return ("CUDA" in text or "cuda" in text) and any(marker.lower() in text.lower() for marker in STICKY_CUDA_ERRORS)
+    text = str(exc).lower()
+    return "cuda" in text and any(marker.lower() in text for marker in STICKY_CUDA_ERRORS)
 
 
 @dataclass

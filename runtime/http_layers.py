@@ -9,7 +9,7 @@ import logging
 import time
 import uuid
 
-log = logging.getLogger("runtime.server")
+log = logging.getLogger("runtime.access")  # --log-json lines: `kiln serve` turns this logger on
 
 
 async def _json_response(send, status: int, detail: str, headers: tuple = ()) -> None:
@@ -45,6 +45,8 @@ class RequestContext:
         try:
             await self.app(scope, receive, send_with_id)
         finally:
+            if info.get("disconnected") and status["code"] == 500:  # gone before any answer: nobody saw one
+                status["code"] = 499
             seconds = time.perf_counter() - started
             self.metrics.observe(scope["path"], status["code"], seconds)
             if self.log_json and scope["path"] not in ("/healthz", "/readyz", "/metrics"):
@@ -84,12 +86,12 @@ class BodyLimit:
         declared = dict(scope.get("headers", [])).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
             return await _json_response(send, 413, f"the body is {int(declared)} bytes; the limit is {self.limit}")
-        chunks, total, disconnect = [], 0, None
+        chunks, total = [], 0
         while True:
             message = await receive()
-            if message["type"] == "http.disconnect":
-                disconnect = message
-                break
+            if message["type"] == "http.disconnect":  # gone before its body arrived: nothing to answer
+                scope.setdefault("state", {}).setdefault("kiln", {})["disconnected"] = True
+                return
             total += len(message.get("body", b""))
             if total > self.limit:
                 return await _json_response(send, 413, f"the body is over the limit of {self.limit} bytes")
@@ -102,7 +104,7 @@ class BodyLimit:
             nonlocal replayed
             if not replayed:
                 replayed = True
-                return disconnect or {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
             return await receive()
 
         await self.app(scope, replay, send)

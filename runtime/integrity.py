@@ -8,32 +8,28 @@ import os
 from pathlib import Path, PurePosixPath
 
 from runtime.errors import ArtifactError, format_table
+from runtime.files import path_problem
 from runtime.manifest import Manifest, verify_files
 
-
-def path_problem(folder: Path, rel: str) -> str | None:
-    """Why `rel` is not a confined relative path of `folder`, or None."""
-    if not rel or rel.startswith("/") or "\\" in rel or ":" in rel or any(p in ("", ".", "..") for p in rel.split("/")):
-        return "not a plain relative path inside the folder"
-    target = (folder / rel).resolve()
-    if not target.is_relative_to(folder.resolve()):
-        return f"resolves outside the folder (to {target})"
-    return None
+__all__ = ["check_artifact", "onnx_external_locations", "path_problem"]
 
 
-def check_artifact(manifest: Manifest, components, verify: bool = True) -> None:
-    """Confine and (verify=True) checksum everything loading `components` reads; ArtifactError
-    with one table of every problem otherwise."""
+def check_artifact(manifest: Manifest, components, assets=(), verify: bool = True) -> None:
+    """Confine and (verify=True) checksum everything loading `components` and the `assets` folders
+    (the family's tokenizers and scheduler) reads; ArtifactError with one table of every problem."""
     folder = manifest.folder
     listed = manifest.data["files"]
     problems = [(rel, "a relative path inside the folder", why) for rel in listed
                 if (why := path_problem(folder, rel))]
+    missing = [name for name in components if name not in manifest.data["components"]]
+    if missing:
+        raise ArtifactError(f"{folder} has no {', '.join(missing)} engine; rebuild it with them")
     for name in components:
         c = manifest.data["components"][name]
         for rel in dict.fromkeys([c["file"], *c["files"], *([c["refit_onnx"]] if c.get("refit_onnx") else [])]):
             if rel not in listed:
                 problems.append((rel, f"{name}: a file listed in the manifest", path_problem(folder, rel) or "not listed"))
-    for asset in manifest.assets:
+    for asset in assets:
         problems += _asset_problems(folder, asset, listed)
     if problems:
         raise ArtifactError(f"{folder} is not safe to load:\n" + format_table(["path", "expected", "found"], problems)
@@ -76,13 +72,37 @@ def _external_data_problems(manifest: Manifest, name: str) -> list[tuple[str, st
 
 
 def onnx_external_locations(path: Path) -> set[str]:
-    """The external data files an ONNX model refers to (its weights stay unread)."""
+    """The external data files an ONNX model refers to, in every graph it holds (subgraphs of If and
+    Loop, functions, sparse initializers, tensor attributes); its weights stay unread."""
     import onnx
 
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf raises its own untyped errors for a damaged file
         raise ArtifactError(f"{path} is not a readable ONNX graph ({type(exc).__name__}); rebuild the artifact") from exc
-    tensors = list(model.graph.initializer) + [a.t for n in model.graph.node for a in n.attribute if a.HasField("t")]
-    return {e.value for t in tensors if t.data_location == onnx.TensorProto.EXTERNAL
+    return {e.value for t in _tensors(model) if t.data_location == onnx.TensorProto.EXTERNAL
             for e in t.external_data if e.key == "location"}
+
+
+def _tensors(model):
+    graphs = [model.graph]
+    nodes = [n for f in model.functions for n in f.node]
+    while graphs or nodes:
+        if graphs:
+            g = graphs.pop()
+            yield from g.initializer
+            for sparse in g.sparse_initializer:
+                yield sparse.values
+                yield sparse.indices
+            nodes.extend(g.node)
+            continue
+        for a in nodes.pop().attribute:
+            if a.HasField("t"):
+                yield a.t
+            yield from a.tensors
+            if a.HasField("g"):
+                graphs.append(a.g)
+            graphs.extend(a.graphs)
+            if a.HasField("sparse_tensor"):
+                yield a.sparse_tensor.values
+                yield a.sparse_tensor.indices

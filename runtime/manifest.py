@@ -25,7 +25,6 @@ FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 REPORT_FILE = "report.json"
 DEFAULT_FAMILY = "sd"  # artifacts of format 1 written before families were recorded hold SD pipelines
-DEFAULT_ASSETS = ("tokenizer", "scheduler")  # likewise: the folders saved beside the engines
 # An ONNX Runtime CPU record: what the exporter's quality pass runs its graphs on.
 ORT_CPU_BACKEND = {"name": "onnxruntime", "execution_provider": "CPUExecutionProvider"}
 
@@ -98,11 +97,6 @@ class Manifest:
         return self.data["profile"]
 
     @property
-    def assets(self) -> tuple[str, ...]:
-        """The folders beside the engines that loaders read (tokenizers, scheduler)."""
-        return tuple(self.data.get("assets", DEFAULT_ASSETS))
-
-    @property
     def size_multiple(self) -> int:
         return int(self.data["dims"]["size_multiple"])
 
@@ -160,11 +154,16 @@ def manifest_from_dict(folder: Path, data: Mapping[str, Any]) -> Manifest:
 
 
 def verify_files(manifest: Manifest) -> None:
-    """Every file the manifest lists must exist with its recorded size and sha256."""
+    """Every file the manifest lists must lie inside the folder and exist with its recorded size and
+    sha256 (nothing outside the folder is opened)."""
+    from runtime.files import path_problem
+
     problems = []
     for rel, entry in manifest.data["files"].items():
         path = manifest.folder / rel
-        if not path.is_file():
+        if (why := path_problem(manifest.folder, rel)):
+            problems.append((rel, "a relative path inside the folder", why))
+        elif not path.is_file():
             problems.append((rel, "present", "missing"))
             continue
         size = path.stat().st_size
@@ -220,7 +219,6 @@ def manifest_record(export: Mapping[str, Any], *, backend: Mapping[str, Any], co
         "profile": export["profile"],
         "dims": export["dims"],
         "exporter": export["exporter"],
-        "assets": list(export.get("assets", DEFAULT_ASSETS)),
         "backend": dict(backend),
         "components": {name: dict(c) for name, c in components.items()},
     }

@@ -42,7 +42,7 @@ def load_pipeline(folder: str | Path, task: str = "text2img", backend: str | Non
     missing = [c for c in needed if c not in manifest.components]
     if missing:
         raise ArtifactError(f"{folder} has no {', '.join(missing)} engine, which task {task!r} needs; rebuild with them")
-    check_artifact(manifest, needed, verify=verify)
+    check_artifact(manifest, needed, assets=family.assets, verify=verify)
     return pipeline_from_manifest(manifest, task, cuda_graphs=cuda_graphs, weight_streaming_budget=weight_streaming_budget)
 
 
@@ -51,7 +51,11 @@ def pipeline_from_manifest(manifest: Manifest, task: str = "text2img", **engine_
     exporter also uses it to compare precisions on ONNX files before any artifact exists)."""
     family = families.get(manifest.family)
     engines = open_engines(manifest, family.components(task), **engine_options)
-    return family.assemble(task, manifest, engines)
+    try:
+        return family.assemble(task, manifest, engines)
+    except (KeyError, AttributeError, TypeError, ValueError) as exc:  # configs the manifest carries are unusable
+        raise ArtifactError(f"{manifest.folder}: the {family.name} pipeline could not be assembled from the manifest's "
+                            f"component configs ({type(exc).__name__}: {exc}); rebuild the artifact") from exc
 
 
 def open_engines(manifest: Manifest, names, cuda_graphs: bool = True, weight_streaming_budget=None) -> dict:

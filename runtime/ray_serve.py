@@ -28,7 +28,7 @@ class RayOptions:
     max_batch: int = 8
     max_wait: float = 0.1
     num_replicas: int = 1
-    max_queued_requests: int = 64  # per replica, beyond the ones it is computing; past it Serve answers 503
+    max_queued_requests: int = 64  # per caller (each proxy or handle), beyond those admitted; past it Serve answers 503
     gpus_per_replica: float | None = None  # None: 1 when the Ray cluster has GPUs, else 0
     truncate_prompts: bool = False
     hang_timeout: float = 300.0  # one batch running longer fails the replica's health check
@@ -52,16 +52,24 @@ def gpus_per_replica(options: RayOptions) -> float:
     return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
 
 
-def kiln_app(folder: str, options: RayOptions | None = None, **overrides):
-    """A bound Serve application over the artifact in `folder` (keyword overrides of RayOptions)."""
-    return kiln_deployment(options, **overrides).bind(folder)
+_POSITIONAL = ("max_batch", "max_wait", "num_replicas")  # the order of the arguments before RayOptions
 
 
-def kiln_deployment(options: RayOptions | None = None, **overrides):
-    """The Serve deployment (unbound)."""
+def kiln_app(folder: str, *args, options: RayOptions | None = None, **overrides):
+    """A bound Serve application over the artifact in `folder`: kiln_app(folder, max_batch, max_wait,
+    num_replicas) as before, or options=RayOptions(...) and keyword overrides of its fields."""
+    return kiln_deployment(*args, options=options, **overrides).bind(folder)
+
+
+def kiln_deployment(*args, options: RayOptions | None = None, **overrides):
+    """The Serve deployment (unbound); arguments as for kiln_app."""
     from ray import serve
 
-    options = _options(options, overrides)
+    if args and isinstance(args[0], RayOptions):
+        options, args = args[0], args[1:]
+    if len(args) > len(_POSITIONAL):
+        raise TypeError(f"at most {len(_POSITIONAL)} positional options ({', '.join(_POSITIONAL)})")
+    options = _options(options, {**dict(zip(_POSITIONAL, args)), **overrides})
     gpus = gpus_per_replica(options)
 
     # Serve admits 5 requests per replica by default, which would cap every batch at 5: admit two

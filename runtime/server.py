@@ -44,6 +44,13 @@ class ServeOptions:
     max_body_bytes: int = MAX_BODY_BYTES
 
 
+def drain_budget(drain_timeout: float) -> tuple[float, float]:
+    """(seconds the drain waits for the queue, seconds left for each of uvicorn's close and the
+    batcher's stop): together at most `drain_timeout`."""
+    grace = max(0.5, min(5.0, drain_timeout / 6))
+    return max(0.0, drain_timeout - 2 * grace), grace
+
+
 def encode_png(image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
@@ -66,6 +73,7 @@ def create_app(folder, options: ServeOptions = ServeOptions(), pipe=None, on_fat
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, Response
+    from starlette.exceptions import HTTPException as StarletteHTTPException
 
     from runtime.api import image_request_model, validation_errors
     from runtime.batcher import Batcher
@@ -117,8 +125,9 @@ def create_app(folder, options: ServeOptions = ServeOptions(), pipe=None, on_fat
         health.draining = True
         if loading is not None:
             loading.cancel()
-        if state["batcher"] is not None:
-            await state["batcher"].stop()  # finishes what is queued and in flight
+        batcher = state["batcher"]  # finishes what is queued and in flight, within the drain's budget
+        if batcher is not None and not await batcher.stop(timeout=drain_budget(options.drain_timeout)[1]):
+            fail("the engine worker did not finish its batch before the service stopped (hung?)")
 
     app = FastAPI(title="kiln", lifespan=lifespan)
     app.state.batcher = None
@@ -134,10 +143,18 @@ def create_app(folder, options: ServeOptions = ServeOptions(), pipe=None, on_fat
     async def invalid(request: Request, exc: RequestValidationError):
         return JSONResponse({"detail": validation_errors(exc)}, 422)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def unparsable(request: Request, exc: StarletteHTTPException):
+        if exc.status_code == 400 and request.url.path == "/v1/images":  # a body FastAPI could not parse
+            return JSONResponse({"detail": [{"loc": ["body"], "msg": f"the body could not be parsed: {exc.detail}"}]}, 422)
+        return JSONResponse({"detail": exc.detail}, exc.status_code, headers=getattr(exc, "headers", None))
+
     @app.get("/healthz")
     async def healthz():
         alive, why = health.liveness(state["batcher"])
-        return JSONResponse({"status": "ok" if alive else "failing", "reason": why}, 200 if alive else 503)
+        batcher = state["batcher"]
+        return JSONResponse({"status": "ok" if alive else "failing", "reason": why,
+                             "queue_depth": batcher.depth if batcher else 0}, 200 if alive else 503)
 
     @app.get("/readyz")
     async def readyz():
@@ -172,10 +189,14 @@ def create_app(folder, options: ServeOptions = ServeOptions(), pipe=None, on_fat
         gone = asyncio.ensure_future(_disconnected(request.receive))
         try:
             done, _ = await asyncio.wait({work, gone}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:  # the handler itself was cancelled (shutdown): its request too
+            work.cancel()
+            raise
         finally:
             gone.cancel()
         if work not in done:
             work.cancel()  # not computed if its batch has not started; its result is dropped if it has
+            await asyncio.gather(work, return_exceptions=True)  # out of the queue before we answer
             if gone in done:
                 metrics.disconnects.inc()
                 return Response(status_code=499)  # nobody reads it: the client closed the connection
@@ -216,9 +237,12 @@ def serve(folder, options: ServeOptions = ServeOptions(), pipe=None) -> None:
 
     import uvicorn
 
+    wait_for_queue, grace = drain_budget(options.drain_timeout)
+
     class KilnServer(uvicorn.Server):
         """uvicorn, with a drain before the shutdown: the first signal stops readiness and new work,
-        the queue empties (or drain_timeout passes), then uvicorn stops as usual."""
+        the queue empties (or its share of drain_timeout passes, and what is still queued gets 503),
+        then uvicorn stops as usual."""
 
         drain_deadline: float | None = None
 
@@ -228,13 +252,17 @@ def serve(folder, options: ServeOptions = ServeOptions(), pipe=None) -> None:
                 return super().handle_exit(sig, frame)  # a second signal: uvicorn's own (force)
             log.info("draining: finishing queued requests (at most %.0f s), refusing new ones", options.drain_timeout)
             health.draining = True
-            self.drain_deadline = time.monotonic() + options.drain_timeout
+            self.drain_deadline = time.monotonic() + wait_for_queue
 
         async def on_tick(self, counter: int) -> bool:
             batcher = app.state.batcher
-            if self.drain_deadline is not None and not self.should_exit and (
-                    batcher is None or batcher.idle or time.monotonic() > self.drain_deadline):
-                self.should_exit = True
+            if self.drain_deadline is not None and not self.should_exit:
+                if batcher is None or batcher.idle:
+                    self.should_exit = True
+                elif time.monotonic() > self.drain_deadline:
+                    refused = batcher.abort_queued(ShuttingDownError("the server is stopping; retry on another replica"))
+                    log.warning("drain time is up: %d queued requests answered 503", refused)
+                    self.should_exit = True
             return await super().on_tick(counter)
 
     fatal: list[str] = []
@@ -245,7 +273,7 @@ def serve(folder, options: ServeOptions = ServeOptions(), pipe=None) -> None:
 
     app = create_app(folder, options, pipe=pipe, on_fatal=on_fatal)
     server = KilnServer(uvicorn.Config(app, host=options.host, port=options.port, log_level="info",
-                                       timeout_graceful_shutdown=int(options.drain_timeout) or 1))
+                                       access_log=not options.log_json, timeout_graceful_shutdown=max(1, round(grace))))
     server.run()
     if fatal:
         raise FatalEngineError(f"the service stopped: {fatal[0]}")

@@ -22,7 +22,7 @@ class StubTokenizer:
 
 
 class StubPipe:
-    def __init__(self, folder, delay: float = 0.0):
+    def __init__(self, folder, delay: float = 0.0, started_file=None):
         from diffusers import DDIMScheduler
 
         self.manifest = write_artifact(folder, {"name": "onnxruntime", "execution_provider": "CPUExecutionProvider"},
@@ -35,6 +35,7 @@ class StubPipe:
         self.computed: list[str] = []
         self.lock = threading.Lock()
         self.started = threading.Event()
+        self.started_file = started_file  # touched when the first call starts (for tests in another process)
 
     def set_progress_bar_config(self, **kwargs):
         pass
@@ -44,6 +45,8 @@ class StubPipe:
 
     def __call__(self, prompt, negative_prompt, height, width, num_inference_steps, guidance_scale, generator):
         self.started.set()
+        if self.started_file is not None:
+            open(self.started_file, "w").close()
         with self.lock:
             self.computed += list(prompt)
         time.sleep(self.delay)

@@ -155,9 +155,13 @@ def _build(export: Path, out: Path):
 
 
 def _started_building(process) -> float:
-    """Wait for the build's first engine line; returns when it came."""
+    """Wait for the build's first engine line; returns when it came, and reads the rest of stderr on
+    a thread so that the build never blocks on a full pipe."""
+    import threading
+
     for line in process.stderr:
         if line.startswith("[1/"):
+            threading.Thread(target=process.stderr.read, daemon=True).start()
             return time.monotonic()
     raise AssertionError(f"the build ended before building (exit {process.wait()})")
 
@@ -183,8 +187,7 @@ def test_builds_killed_at_random_moments_leave_the_old_or_the_new_artifact(tiny_
         verify_files(manifest)
         outcomes.append("old" if (out / "manifest.json").read_bytes() == before else "new")
     final = _build(tiny_export, out)
-    final.stderr.read()
-    assert final.wait(300) == 0
+    assert final.wait(300) == 0, final.stderr.read()
     verify_files(load_manifest(out))
     left = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".art."))
     print(f"\ncrash consistency: build phase {build_seconds:.1f} s; after each of 10 kills: {outcomes}")

@@ -35,6 +35,7 @@ def unet_step_bench(folders, options) -> dict:
     `options.batches[0]` (2 = one image under guidance) and the first artifact's opt size."""
     from kiln.bench.run import BenchError
     from runtime import families
+    from runtime.integrity import check_artifact
     from runtime.manifest import load_manifest
     from runtime.pipeline import open_engines
 
@@ -45,9 +46,10 @@ def unet_step_bench(folders, options) -> dict:
         except KilnError as exc:
             raise BenchError(f"cannot benchmark {folder}: {exc}") from exc
         manifests.append(manifest)
-        denoiser = families.get(manifest.family).denoiser
-        engine = open_engines(manifest, [denoiser])[denoiser]
-        info = manifest.data["components"][denoiser]
+        family = families.get(manifest.family)
+        check_artifact(manifest, [family.denoiser])  # confined and checksummed, as load_pipeline does
+        engine = open_engines(manifest, [family.denoiser])[family.denoiser]
+        info = manifest.data["components"][family.denoiser]
         engines.append(engine)
         labels.append((str(folder), info["precision"] + (f"/{info['int8']['recipe']}" if "int8" in info else "")))
     first = manifests[0]

@@ -23,6 +23,8 @@ class RuntimeFamily:
         the first task is the family's main one (what quality checks and benchmarks run).
     assemble: (task, manifest, engines) → the pipeline, a subclass of the family's diffusers class.
     denoiser: the component the scheduler loop calls every step (int8 calibrates it, guidance doubles it).
+    assets: the folders beside the engines its pipeline loads (tokenizers, scheduler); every file
+        in them must be listed in the manifest.
     request_defaults: what a service request leaves out (steps, guidance_scale) for this family.
     """
 
@@ -30,6 +32,7 @@ class RuntimeFamily:
     tasks: Mapping[str, tuple[str, ...]]
     assemble: Callable[[str, Any, Mapping[str, Any]], Any]
     denoiser: str = "unet"
+    assets: tuple[str, ...] = ("tokenizer", "scheduler")
     request_defaults: Mapping[str, Any] = field(default_factory=lambda: {"steps": 20, "guidance_scale": 7.5})
 
     def components(self, task: str) -> tuple[str, ...]:

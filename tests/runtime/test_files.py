@@ -75,8 +75,40 @@ def test_an_output_being_written_by_another_process_is_busy(tmp_path):
         holder.kill()
         holder.wait()
     with output_lock(tmp_path / "art"):  # a killed holder's lock is free again
-        with output_lock(tmp_path / "art"):  # and re-entrant within a process
+        assert (tmp_path / ".art.lock").exists()
+        with output_lock(tmp_path / "art"):  # and re-entrant within a thread
             pass
+    assert not (tmp_path / ".art.lock").exists()  # removed when released
+
+
+def test_another_thread_writing_the_same_output_is_busy(tmp_path):
+    import threading
+
+    errors = []
+    with output_lock(tmp_path / "art"):
+        def other():
+            try:
+                with output_lock(tmp_path / "art"):
+                    pass
+            except BusyError as exc:
+                errors.append(exc)
+
+        thread = threading.Thread(target=other)
+        thread.start()
+        thread.join()
+    assert len(errors) == 1 and "another thread" in str(errors[0])
+
+
+def test_a_swap_cut_between_two_renames_is_recovered(tmp_path):
+    """Where a file system cannot exchange, a kill between the two renames leaves no output and its
+    old copy aside: the next holder puts the old copy back before cleaning up."""
+    old = tmp_path / ".art.old-12345678"
+    old.mkdir()
+    _write(old, "old complete")
+    (tmp_path / ".art.partial-87654321").mkdir()
+    with output_lock(tmp_path / "art"):
+        assert (tmp_path / "art" / "manifest.json").read_text() == "old complete"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]
 
 
 def test_a_full_disk_is_refused_before_work_and_named_after_it(tmp_path, monkeypatch):

@@ -162,3 +162,50 @@ def test_model_folders_load_safetensors_only(tmp_path):
     (folder / "unet" / "diffusion_pytorch_model.safetensors").rename(folder / "unet" / "diffusion_pytorch_model.bin")
     with pytest.raises(ModelSourceError, match=r"weights only as pickles[\s\S]*unet\s+diffusion_pytorch_model\.bin"):
         resolve_model(str(folder))
+
+
+def test_external_data_in_subgraphs_and_functions_is_found(tmp_path):
+    """A location hidden in an If branch's initializer is read by ONNX Runtime as any other: it counts."""
+    from onnx import TensorProto, helper
+
+    from runtime.integrity import onnx_external_locations
+
+    hidden = helper.make_tensor("w", TensorProto.FLOAT, [1], [1.0])
+    hidden.ClearField("float_data")
+    hidden.data_location = TensorProto.EXTERNAL
+    hidden.external_data.add(key="location", value="../../etc/passwd")
+    branch = helper.make_graph([helper.make_node("Identity", ["w"], ["y"])], "then", [],
+                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])], [hidden])
+    other = helper.make_graph([helper.make_node("Identity", ["x"], ["y2"])], "else", [],
+                              [helper.make_tensor_value_info("y2", TensorProto.FLOAT, [1])])
+    node = helper.make_node("If", ["c"], ["out"], then_branch=branch, else_branch=other)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("c", TensorProto.BOOL, []),
+                                            helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1])])
+    path = tmp_path / "m.onnx"
+    path.write_bytes(helper.make_model(graph).SerializeToString())
+    assert onnx_external_locations(path) == {"../../etc/passwd"}
+
+
+def test_only_the_tokenizers_kiln_uses_are_loaded(artifact):
+    config = artifact / "tokenizer" / "tokenizer_config.json"
+    data = json.loads(config.read_text())
+    data["tokenizer_class"] = "PreTrainedTokenizerFast"  # a transformers tokenizer, but not one kiln's families use
+    config.write_text(json.dumps(data))
+    _relist(artifact)
+    with pytest.raises(ArtifactError, match=r"tokenizer class 'PreTrainedTokenizerFast' is not one kiln loads"):
+        load_pipeline(artifact)
+
+
+@pytest.mark.parametrize("content, message", [("{nope", "is not valid JSON"), ("[1]", "must hold a JSON object")])
+def test_a_damaged_scheduler_config_is_an_artifact_error(artifact, content, message):
+    (artifact / "scheduler" / "scheduler_config.json").write_text(content)
+    _relist(artifact)
+    with pytest.raises(ArtifactError, match=message):
+        load_pipeline(artifact)
+
+
+def test_component_configs_that_cannot_build_the_pipeline_are_an_artifact_error(artifact):
+    _edit(artifact, lambda d: d["components"]["vae_decoder"].update(config={}))
+    with pytest.raises(ArtifactError, match=r"the sd pipeline could not be assembled from the manifest's component configs"):
+        load_pipeline(artifact)

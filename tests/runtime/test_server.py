@@ -251,7 +251,7 @@ def test_a_client_that_leaves_is_not_computed(tmp_path):
     the worker is busy; none of the six is computed, and the metrics count them."""
     import uvicorn
 
-    stub = StubPipe(tmp_path / "a", delay=1.5)
+    stub = StubPipe(tmp_path / "a", delay=3.0)
     app = create_app(None, ServeOptions(max_batch=1, max_wait=0), pipe=stub)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -281,14 +281,14 @@ def test_a_client_that_leaves_is_not_computed(tmp_path):
 
 
 def test_health_fails_while_the_worker_hangs(tmp_path):
-    stub = StubPipe(tmp_path / "a", delay=1.5)
-    app = create_app(None, ServeOptions(max_wait=0, hang_timeout=0.3), pipe=stub)
+    stub = StubPipe(tmp_path / "a", delay=3.0)
+    app = create_app(None, ServeOptions(max_wait=0, hang_timeout=1.0), pipe=stub)
 
     async def steps(c):
         image = asyncio.ensure_future(c.post("/v1/images", json={"prompt": "slow"}))
         await _until(stub.started.is_set)
         before = await c.get("/healthz")
-        await asyncio.sleep(0.5)  # past the hang timeout, the batch still running
+        await asyncio.sleep(1.3)  # past the hang timeout, the batch still running
         during = await c.get("/healthz")
         return before, during, await image, await c.get("/healthz")
 
@@ -399,7 +399,7 @@ def test_the_api_key(stub):
 
 
 def test_json_logs_one_line_per_request(stub, caplog):
-    with caplog.at_level(logging.INFO, logger="runtime.server"):
+    with caplog.at_level(logging.INFO, logger="runtime.access"):
         with TestClient(create_app(None, ServeOptions(max_wait=0, log_json=True), pipe=stub)) as c:
             rid = c.post("/v1/images", json={"prompt": "x"}).headers["x-request-id"]
             c.get("/healthz")
@@ -423,7 +423,7 @@ def test_sigterm_drains_then_exits(tmp_path):
         port = s.getsockname()[1]
     script = (f"from pathlib import Path\nfrom tests.stub_pipe import StubPipe\nfrom runtime.server import ServeOptions, serve\n"
               f"serve(None, ServeOptions(port={port}, max_wait=0, drain_timeout=20), "
-              f"pipe=StubPipe(Path({str(tmp_path / 'a')!r}), delay=2.0))\n")
+              f"pipe=StubPipe(Path({str(tmp_path / 'a')!r}), delay=2.0, started_file={str(tmp_path / 'started')!r}))\n")
     process = subprocess.Popen([sys.executable, "-c", script], cwd=root, stderr=subprocess.PIPE, text=True)
     base = f"http://127.0.0.1:{port}"
     try:
@@ -439,7 +439,9 @@ def test_sigterm_drains_then_exits(tmp_path):
             result = {}
             slow = threading.Thread(target=lambda: result.update(r=c.post("/v1/images", json={"prompt": "in flight"})))
             slow.start()
-            time.sleep(0.5)
+            while not (tmp_path / "started").exists():  # the request is being computed
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
             process.send_signal(signal.SIGTERM)
             time.sleep(0.3)
             with httpx.Client(base_url=base, timeout=10) as other:
@@ -482,3 +484,69 @@ def test_an_unrecoverable_engine_error_stops_the_process_with_an_error(tmp_path)
     finally:
         if process.poll() is None:
             process.kill()
+
+
+def test_a_client_gone_before_its_body_arrived_is_a_499_and_never_reaches_the_app(stub):
+    app = create_app(None, ServeOptions(max_wait=0), pipe=stub)
+    sent = []
+
+    async def main():
+        async with app.router.lifespan_context(app):
+            async def receive():
+                return {"type": "http.disconnect"}
+
+            async def send(message):
+                sent.append(message)
+
+            scope = {"type": "http", "method": "POST", "path": "/v1/images", "headers": [], "query_string": b"",
+                     "http_version": "1.1", "scheme": "http", "server": ("t", 80), "client": ("c", 1), "root_path": ""}
+            await app(scope, receive, send)
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+                return (await c.get("/metrics")).text
+
+    metrics = asyncio.run(main())
+    assert sent == [] and stub.computed == []
+    assert _metric(metrics, 'kiln_http_responses_total{code="499"}') == 1
+    assert _metric(metrics, 'kiln_http_responses_total{code="400"}') == 0
+
+
+def test_a_body_the_json_parser_refuses_is_422(stub):
+    with TestClient(create_app(None, ServeOptions(), pipe=stub)) as c:
+        r = c.post("/v1/images", content=b'{"prompt": "x", "seed": ' + b"9" * 5000 + b"}",
+                   headers={"content-type": "application/json"})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"][0] == "body"
+
+
+def test_at_the_drain_deadline_queued_requests_get_503(tmp_path):
+    from runtime.errors import ShuttingDownError
+
+    stub = StubPipe(tmp_path / "a", delay=1.0)
+    app = create_app(None, ServeOptions(max_batch=1, max_wait=0), pipe=stub)
+
+    async def steps(c):
+        first = asyncio.ensure_future(c.post("/v1/images", json={"prompt": "first"}))
+        await _until(stub.started.is_set)
+        queued = asyncio.ensure_future(c.post("/v1/images", json={"prompt": "queued"}))
+        await _until(lambda: app.state.batcher.depth == 1)
+        assert app.state.batcher.abort_queued(ShuttingDownError("stopping")) == 1  # what the drain does at its deadline
+        return await first, await queued
+
+    first, queued = _session(app, steps)
+    assert first.status_code == 200 and queued.status_code == 503 and stub.computed == ["first"]
+
+
+def test_a_request_that_leaves_the_queue_frees_its_place(tmp_path):
+    stub = StubPipe(tmp_path / "a", delay=1.0)
+    app = create_app(None, ServeOptions(max_batch=1, max_wait=0, max_queue=1), pipe=stub)
+
+    async def steps(c):
+        first = asyncio.ensure_future(c.post("/v1/images", json={"prompt": "first"}))
+        await _until(stub.started.is_set)
+        late = await c.post("/v1/images", json={"prompt": "late"}, headers={"X-Request-Timeout": "0.05"})
+        depth = app.state.batcher.depth
+        after = await c.post("/v1/images", json={"prompt": "after"})
+        return await first, late, depth, after
+
+    first, late, depth, after = _session(app, steps)
+    assert late.status_code == 504 and depth == 0  # out of the queue at its deadline, not when its turn came
+    assert first.status_code == 200 and after.status_code == 200 and stub.computed == ["first", "after"]
