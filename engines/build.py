@@ -15,9 +15,10 @@ from engines import ort_backend, trt_backend
 from engines.select import BACKENDS, choose_backend
 from engines.trt_backend import TrtOptions
 from runtime.errors import ArtifactError, BuildError, ToleranceError, format_table
-from runtime.files import atomic_folder, file_sha256, output_lock, temp_sibling
+from runtime.files import atomic_folder, file_sha256, output_lock, refuse_foreign, temp_sibling
 from runtime.manifest import (
     FORMAT_VERSION,
+    MANIFEST_FILE,
     REPORT_FILE,
     component_entry,
     load_manifest,
@@ -115,14 +116,15 @@ def build_from_model(model: str, out_dir: Path, options: BuildOptions = BuildOpt
     from exporters.export import ExportOptions, export_key, export_model
     from exporters.resolve import resolve_model
 
+    out_dir = Path(out_dir)
+    refuse_foreign(out_dir, MANIFEST_FILE, "artifact")  # before any work: a user's folder is never replaced
     options = resolve_options(options)
     export_options = export_options or ExportOptions(int8_target=int8_target(options))
-    out_dir = Path(out_dir)
     source, profile = resolve_model(model, profile_path)
     ekey = export_key(source, profile, export_options)
     key = build_key(ekey, backend_identity(options))
     if not options.force and up_to_date(out_dir, key):
-        log.info("%s is up to date (build key %s); nothing to do. Use --force to rebuild", out_dir, key[:12])
+        log.debug("%s is up to date (build key %s); nothing to do", out_dir, key[:12])  # the caller says so, once
         return BuildResult(out_dir, True, key)
     with output_lock(out_dir):  # held through export and build; removes what killed runs left
         tmp = temp_sibling(out_dir.resolve(), "export")
@@ -138,13 +140,14 @@ def build_from_export(export_dir: Path, out_dir: Path, options: BuildOptions = B
     from exporters.export import read_export
 
     export_dir, out_dir = Path(export_dir), Path(out_dir)
+    refuse_foreign(out_dir, MANIFEST_FILE, "artifact")
     export = read_export(export_dir)
     options = resolve_options(options)
     check_precisions(options, export["components"])
     backend = backend_identity(options)
     key = build_key(export["export_key"], backend)
     if not options.force and up_to_date(out_dir, key):
-        log.info("%s is up to date (build key %s); nothing to do. Use --force to rebuild", out_dir, key[:12])
+        log.debug("%s is up to date (build key %s); nothing to do", out_dir, key[:12])  # the caller says so, once
         return BuildResult(out_dir, True, key)
     _verify_export(export_dir, export)  # hashes every graph: only when something will be built from them
     components, engine_parity = {}, {}
@@ -176,7 +179,7 @@ def build_from_export(export_dir: Path, out_dir: Path, options: BuildOptions = B
         }
         (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2), encoding="utf-8")
         write_manifest(tmp, manifest_record(export, backend=backend, components=components, build_key=key))
-    log.info("wrote %s", out_dir)
+    log.debug("wrote %s", out_dir)
     return BuildResult(out_dir, False, key)
 
 

@@ -30,7 +30,8 @@ from exporters.profile import Profile, bind_family
 from exporters.source import ModelSource
 from exporters.specs import ComponentSpec, dynamic_axes, sample_inputs, tensor_ranges
 from runtime.errors import ExportError
-from runtime.files import atomic_folder, folder_checksums
+from runtime.files import atomic_folder, folder_checksums, refuse_foreign
+from runtime.quiet import heartbeat, quiet
 from runtime.version import __version__
 
 log = logging.getLogger(__name__)
@@ -113,6 +114,7 @@ def export_model(source: ModelSource, profile: Profile, out_dir: Path, options: 
     import torch
 
     out_dir = Path(out_dir)
+    refuse_foreign(out_dir, EXPORT_FILE, "export folder")
     family = source.family
     names = options.components_of(source)
     key = key or export_key(source, profile, options)
@@ -192,7 +194,7 @@ def export_model(source: ModelSource, profile: Profile, out_dir: Path, options: 
         manifest["files"] = {f"{sub}/{rel}": sha for sub in (*family.assets, "reference")
                              for rel, sha in folder_checksums(tmp / sub).items()}
         (tmp / EXPORT_FILE).write_text(json.dumps(manifest, indent=2, default=_json_default), encoding="utf-8")
-    log.info("wrote %s", out_dir)
+    log.debug("wrote %s", out_dir)
     return out_dir
 
 
@@ -237,7 +239,8 @@ def onnx_from_torch(spec: ComponentSpec, module, ranges: dict[str, dict[str, lis
         path = Path(tmp) / "model.onnx"
         system_tmp, tempfile.tempdir = tempfile.tempdir, tmp  # torch.onnx and onnxscript's own files go here too
         try:
-            with torch.no_grad():
+            # torch.onnx warns that torchvision ops cannot be registered (kiln traces none of them)
+            with torch.no_grad(), quiet("torch.onnx", "onnxscript"), heartbeat(log, f"exporting {spec.name}"):
                 torch.onnx.export(module.eval(), args, str(path), **kwargs)
         except Exception as exc:  # torch.onnx raises many types; report them as one
             raise ExportError(

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import click
 
+from kiln.bench.report import plural
 from kiln.params import ByteSize, CommaList
 from runtime.errors import format_table
 
@@ -20,14 +21,15 @@ from runtime.errors import format_table
 @click.option("--negative-prompt", default=None)
 @click.option("--steps", default=None, type=click.IntRange(1, 1000), help="Default: the model family's (SD: 20).")
 @click.option("--guidance", "guidance_scale", default=None, type=float, help="Default: the model family's (SD: 7.5).")
-@click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--height", default=None, type=int, help="Pixels; default: the model's native size.")
-@click.option("--width", default=None, type=int, help="Pixels; default: the model's native size.")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2**63 - 1))
+@click.option("--height", default=None, type=click.IntRange(min=1), help="Pixels; default: the model's native size.")
+@click.option("--width", default=None, type=click.IntRange(min=1), help="Pixels; default: the model's native size.")
 @click.option("--num-images", default=1, show_default=True, type=click.IntRange(1, 64))
 @click.option("--scheduler", default=None,
               help="ddim, pndm, euler, euler-a, dpm++2m, dpm++2m-karras, unipc, lms, or a diffusers class name.")
 @click.option("--init-image", type=click.Path(exists=True, dir_okay=False), help="Image for img2img (sets the size).")
-@click.option("--strength", default=0.75, show_default=True, type=click.FloatRange(0, 1), help="img2img strength.")
+@click.option("--strength", default=None, type=float,
+              help="img2img: how much of the init image is replaced by noise, 0 < strength <= 1 (default 0.75).")
 @click.option("--no-cuda-graphs", is_flag=True, help="TensorRT: enqueue every step instead of replaying CUDA graphs.")
 @click.option("--weight-streaming-budget", default=None, type=ByteSize(keywords=("auto",)),
               help="TensorRT: bytes of weights kept on the GPU per engine (e.g. 2e9 or 2GiB), or 'auto'.")
@@ -41,6 +43,8 @@ def generate(folder: Path, prompt: str, negative_prompt, steps, guidance_scale, 
     from runtime import families, load_pipeline
     from runtime.schedulers import scheduler_from_name
 
+    image = _check_generate(prompt, init_image, strength, height, width, output)  # every user mistake, before any work
+    strength = 0.75 if strength is None else strength
     started = time.perf_counter()
     pipe = load_pipeline(folder, task="img2img" if init_image else "text2img", cuda_graphs=not no_cuda_graphs,
                          weight_streaming_budget=weight_streaming_budget)
@@ -51,12 +55,11 @@ def generate(folder: Path, prompt: str, negative_prompt, steps, guidance_scale, 
         pipe.scheduler = scheduler_from_name(scheduler, pipe.scheduler.config)
     args = dict(prompt=prompt, negative_prompt=negative_prompt, num_inference_steps=steps, guidance_scale=guidance_scale,
                 num_images_per_prompt=num_images, generator=torch.Generator("cpu").manual_seed(seed))
-    if init_image:
-        from PIL import Image
-
-        args.update(image=Image.open(init_image).convert("RGB"), strength=strength)
+    if image is not None:
+        args.update(image=image, strength=strength)
     else:
         args.update(height=height, width=width)
+    pipe.set_progress_bar_config(disable=None)  # a bar on a terminal; nothing glued into logs elsewhere
     with contextlib.redirect_stdout(sys.stderr):
         images = pipe(**args).images
     paths = []
@@ -68,11 +71,39 @@ def generate(folder: Path, prompt: str, negative_prompt, steps, guidance_scale, 
     seconds = time.perf_counter() - started
     if as_json:
         click.echo(json.dumps({"images": [str(p) for p in paths], "size": list(images[0].size), "steps": steps,
-                               "seed": seed, "seconds": round(seconds, 3)}))
+                               "seed": seed, "scheduler": type(pipe.scheduler).__name__, "seconds": round(seconds, 3)}))
     else:
         w, h = images[0].size
-        click.echo(f"wrote {', '.join(map(str, paths))} ({w}x{h}, {steps} steps, {pipe.scheduler.__class__.__name__}, "
-                   f"{seconds:.1f} s)")
+        click.echo(f"wrote {', '.join(map(str, paths))} ({w}x{h}, {plural(steps, 'step')}, "
+                   f"{type(pipe.scheduler).__name__}, {seconds:.1f} s)")
+
+
+def _check_generate(prompt: str, init_image, strength, height, width, output: Path):
+    """The init image (opened), after refusing what `kiln generate` would otherwise find out late,
+    or silently ignore."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not prompt.strip():
+        raise click.BadParameter("the prompt is empty; say what the image should show", param_hint="PROMPT")
+    if output.suffix.lower() not in Image.registered_extensions():
+        raise click.BadParameter(f"{output.name} has no image file extension PIL can write (.png, .jpg, .webp, ...)",
+                                 param_hint="-o/--output")
+    if init_image is None:
+        if strength is not None:
+            raise click.UsageError("--strength applies to img2img: pass --init-image FILE with it")
+        return None
+    if height is not None or width is not None:
+        raise click.UsageError("with --init-image the image sets the size; leave out --height/--width (resize the "
+                               "image to change it)")
+    if strength is not None and not 0 < strength <= 1:
+        raise click.BadParameter(f"{strength} is outside 0 < strength <= 1: strength is how much of the init image is "
+                                 "replaced by noise (1 keeps nothing of it; near 0 changes almost nothing, and 0 would "
+                                 "run no step at all)", param_hint="--strength")
+    try:
+        with Image.open(init_image) as opened:
+            return opened.convert("RGB")
+    except (UnidentifiedImageError, OSError) as exc:
+        raise click.BadParameter(f"{init_image} is not an image PIL can read ({exc})", param_hint="--init-image") from exc
 
 
 @click.command()
@@ -200,11 +231,19 @@ def serve(folder: Path, host, port, max_batch, max_wait_ms, max_queue, request_t
 def loadtest(url, clients, n_requests, duration, steps, height, width, api_key, as_json):
     """Concurrent clients against a kiln service at URL: throughput and p50/p95/p99 latency."""
     from kiln.loadtest import LoadOptions, run_load
+    from runtime.errors import ServiceError
 
     report = run_load(url, LoadOptions(clients, n_requests, duration, steps, height, width, api_key=api_key))
     if as_json:
         click.echo(json.dumps(report, indent=2))
-        return
+    else:
+        _print_load(report)
+    if report["ok"] == 0:
+        raise ServiceError(f"no request succeeded: the service answered {report['status_codes']} "
+                           "(-1: no answer); see the service's log")
+
+
+def _print_load(report: dict) -> None:
     lat = report["latency_s"] or {}
     rows = [("clients", report["clients"]), ("requests (ok)", f"{report['requests']} ({report['ok']})"),
             ("status codes", report["status_codes"]), ("seconds", f"{report['seconds']:.1f}"),

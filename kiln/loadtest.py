@@ -95,5 +95,16 @@ async def _wait_ready(http, url: str, seconds: float) -> None:
         await asyncio.sleep(0.5)
 
 
+def check_url(url: str) -> str:
+    """The service's base URL, or OptionsError for one without http(s):// and a host."""
+    from urllib.parse import urlparse
+
+    parsed = urlparse(url)
+    if parsed.scheme not in ("http", "https") or not parsed.netloc:
+        example = f"http://{url}" if "://" not in url else "http://127.0.0.1:8000"
+        raise OptionsError(f"the URL must start with http:// or https:// and name a host, e.g. {example} (got {url!r})")
+    return url
+
+
 def run_load(url: str, options: LoadOptions = LoadOptions()) -> dict:
-    return asyncio.run(_load(url, options))
+    return asyncio.run(_load(check_url(url), options))

@@ -52,12 +52,20 @@ class DiskFullError(KilnError):
         self.folder, self.needed, self.free = folder, needed, free
 
 
+class ForeignOutputError(KilnError):
+    """The output path holds something kiln did not make; kiln never replaces it."""
+
+
 class BusyError(KilnError):
     """Another process is writing the same output right now."""
 
 
 class ArtifactError(KilnError):
     """An artifact folder is missing, altered, truncated or of an unknown format."""
+
+
+class NotSupportedError(KilnError):
+    """Something the diffusers pipeline does that engines cannot; the message names what to do instead."""
 
 
 class RequestError(KilnError):

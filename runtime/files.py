@@ -15,7 +15,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-from runtime.errors import BusyError, DiskFullError
+from runtime.errors import BusyError, DiskFullError, ForeignOutputError
 
 # temporary siblings of an output NAME: being written (.partial), an export on its way (.export),
 # the old copy of a two-rename swap (.old); any of them found while holding NAME's lock is stale
@@ -54,6 +54,33 @@ def path_problem(folder: Path, rel: str) -> str | None:
     if not target.is_relative_to(Path(folder).resolve()):
         return f"resolves outside the folder (to {target})"
     return None
+
+
+def refuse_foreign(target: Path, marker: str, what: str) -> None:
+    """An existing `target` may be replaced only when kiln made it: a folder whose `marker` JSON
+    file has kiln's format_version (a manifest, an export.json), or an empty folder. Anything else,
+    a user's folder or a file, is refused, naming what is there."""
+    import json
+
+    target = Path(target)
+    if not target.exists() and not target.is_symlink():
+        return
+    if target.is_dir() and not target.is_symlink():
+        entries = sorted(p.name for p in target.iterdir())
+        if not entries:
+            return
+        try:
+            data = json.loads((target / marker).read_text(encoding="utf-8"))
+            if isinstance(data, dict) and isinstance(data.get("format_version"), int):
+                return
+        except (OSError, ValueError):
+            pass
+        shown = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
+        found = f"a folder that is not a kiln {what} (it has no kiln {marker}; it holds {shown})"
+    else:
+        found = "a symbolic link" if target.is_symlink() else "a file"
+    raise ForeignOutputError(f"{target} exists and is {found}. kiln replaces only its own {what}s: "
+                             f"choose another --out, or move it away yourself")
 
 
 def temp_sibling(target: Path, kind: str) -> Path:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import inspect
 
-from runtime.errors import ShapeError, format_table
+from runtime.errors import NotSupportedError, ShapeError, format_table
 from runtime.manifest import Manifest
 
 
@@ -30,6 +30,28 @@ def check_request(manifest: Manifest, *, height: int, width: int, batch: int) ->
         )
 
 
+def refuse_unsupported(a: dict) -> None:
+    """Arguments of a diffusers __call__ that engines cannot honour, refused before any work."""
+    kwargs = a.get("cross_attention_kwargs")
+    scale = kwargs.get("scale") if isinstance(kwargs, dict) else None
+    if kwargs:
+        raise NotSupportedError(
+            "cross_attention_kwargs cannot reach engines" + (f" (a LoRA scale of {scale} at call time)" if scale else "")
+            + ": a LoRA is fused into the engines when they are built, at its scale; build one artifact per LoRA "
+            "and scale you serve")
+    for name in ("ip_adapter_image", "ip_adapter_image_embeds"):
+        if a.get(name) is not None:
+            raise NotSupportedError(f"{name}: these engines have no IP-Adapter image projection; it needs a model "
+                                    "built with one, which kiln does not export yet")
+
+
+def embedding_shape(manifest) -> tuple[int, ...] | None:
+    """The fixed trailing dims of the text conditioning the denoiser takes, e.g. (77, 768)."""
+    unet = manifest.components.get("unet")
+    tensor = next((t for t in unet.inputs if t.name == "encoder_hidden_states"), None) if unet else None
+    return tuple(tensor.dims[1:]) if tensor and all(isinstance(d, int) for d in tensor.dims[1:]) else None
+
+
 def prompt_batch(prompt, prompt_embeds) -> int:
     """Prompts in a call: one string, a list, or the rows of prompt_embeds."""
     if prompt is None:
@@ -50,9 +72,16 @@ def checked(call):
         bound = signature.bind(self, *args, **kwargs)
         bound.apply_defaults()
         a = bound.arguments
+        refuse_unsupported(a)
         height, width = self.request_size(a)
         batch = prompt_batch(a.get("prompt"), a.get("prompt_embeds")) * (a.get("num_images_per_prompt") or 1)
         check_request(self.manifest, height=height, width=width, batch=batch)
+        text_shape = embedding_shape(self.manifest)
+        for name in ("prompt_embeds", "negative_prompt_embeds"):
+            x = a.get(name)
+            if x is not None and text_shape and tuple(x.shape[1:]) != text_shape:
+                raise ShapeError(f"{name} must have shape [batch, {', '.join(map(str, text_shape))}] for these engines, "
+                                 f"got {list(x.shape)}", field=name)
         latents = a.get("latents")
         if latents is not None:
             expected = (batch, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)

@@ -20,12 +20,50 @@ SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
 
 def scheduler_from_name(name: str, config):
     """A scheduler of kind `name` (short name or diffusers class name) built from `config`, the
-    model's own scheduler config, exactly as `X.from_config(pipe.scheduler.config)` does."""
+    model's own scheduler config, exactly as `X.from_config(pipe.scheduler.config)` does; refused,
+    before any work, when it cannot drive this model's discrete-time UNet."""
     import diffusers
 
     class_name, overrides = SCHEDULERS.get(name, (name, {}))
     cls = getattr(diffusers, class_name, None)
+    backends = getattr(cls, "_backends", None)  # diffusers' stand-in for a class whose package is missing
+    if backends:
+        import importlib.util
+
+        backends = [b for b in backends if importlib.util.find_spec(b) is None] or list(backends)
+        raise SchedulerError(f"{class_name} needs {', '.join(backends)}, which is not installed here "
+                             f"(pip install {' '.join(backends)}); or use one of {', '.join(SCHEDULERS)}")
     if not (isinstance(cls, type) and issubclass(cls, diffusers.SchedulerMixin)):
         raise SchedulerError(f"unknown scheduler {name!r}; use one of {', '.join(SCHEDULERS)} "
                              "or a diffusers scheduler class name")
-    return cls.from_config(config, **overrides)
+    try:
+        scheduler = cls.from_config(config, **overrides)
+    except Exception as exc:  # a scheduler that cannot take this model's config at all
+        raise SchedulerError(f"{class_name} cannot be built from this model's scheduler config "
+                             f"({type(exc).__name__}: {exc}); use one of {', '.join(SCHEDULERS)}") from exc
+    why = _cannot_drive_unet(scheduler, config)
+    if why:
+        raise SchedulerError(f"{class_name} cannot drive this model: {why}. Use one of {', '.join(SCHEDULERS)}")
+    return scheduler
+
+
+def _cannot_drive_unet(scheduler, config) -> str | None:
+    """Why `scheduler` cannot run the denoising loop of a UNet trained on discrete timesteps, or None."""
+    import copy
+
+    missing = [a for a in ("init_noise_sigma", "scale_model_input", "step", "set_timesteps") if not hasattr(scheduler, a)]
+    if missing:
+        return f"it has no {', '.join(missing)} (a flow-matching or other non-diffusion scheduler)"
+    wanted = config.get("prediction_type", "epsilon")
+    if scheduler.config.get("prediction_type", "epsilon") != wanted:
+        return f"it does not predict {wanted!r}, which this model was trained for"
+    probe = copy.deepcopy(scheduler)
+    try:
+        probe.set_timesteps(4)
+        steps = [float(t) for t in probe.timesteps]
+    except Exception as exc:  # noqa: BLE001 - any failure here means it cannot run the loop
+        return f"it cannot set 4 steps ({type(exc).__name__}: {exc})"
+    limit = config.get("num_train_timesteps", 1000)
+    if not all(0 <= t < limit for t in steps):
+        return f"its timesteps ({steps[0]:.3g}...) are not the UNet's 0..{limit - 1} (it needs a model trained for them)"
+    return None

@@ -51,6 +51,22 @@ def drain_budget(drain_timeout: float) -> tuple[float, float]:
     return max(0.0, drain_timeout - 2 * grace), grace
 
 
+def check_port(host: str, port: int) -> None:
+    """ServiceError at once when the address is taken (uvicorn would find out after loading)."""
+    import socket
+
+    from runtime.errors import ServiceError
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise ServiceError(f"cannot listen on {host}:{port} ({exc.strerror}): another program has it; "
+                               "pick another --port or stop that program") from None
+
+
 def encode_png(image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
@@ -271,6 +287,7 @@ def serve(folder, options: ServeOptions = ServeOptions(), pipe=None) -> None:
         fatal.append(reason)
         server.should_exit = True
 
+    check_port(options.host, options.port)  # before anything loads
     app = create_app(folder, options, pipe=pipe, on_fatal=on_fatal)
     server = KilnServer(uvicorn.Config(app, host=options.host, port=options.port, log_level="info",
                                        access_log=not options.log_json, timeout_graceful_shutdown=max(1, round(grace))))

@@ -31,7 +31,8 @@ class StubPipe:
         self.scheduler = DDIMScheduler.from_pretrained(folder / "scheduler")  # as an artifact's: its config names its class
         self.tokenizer = StubTokenizer()
         self.delay = delay
-        self.fail = None  # an exception to raise for prompts containing "FAIL"
+        self.fail = None  # an exception to raise for prompts containing "FAIL" (for every prompt with fail_all)
+        self.fail_all = False
         self.computed: list[str] = []
         self.lock = threading.Lock()
         self.started = threading.Event()
@@ -50,7 +51,7 @@ class StubPipe:
         with self.lock:
             self.computed += list(prompt)
         time.sleep(self.delay)
-        if self.fail is not None and any("FAIL" in p for p in prompt):
+        if self.fail is not None and (self.fail_all or any("FAIL" in p for p in prompt)):
             raise self.fail
         return types.SimpleNamespace(images=[Image.new("RGB", (width, height), (g.initial_seed() % 256, 0, 0))
                                              for g in generator])

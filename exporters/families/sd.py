@@ -38,11 +38,16 @@ def load_pipeline(folder: Path):
     import torch
     from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(
-        folder, safety_checker=None, feature_extractor=None, requires_safety_checker=False, use_safetensors=True,
-    )
+    from runtime.quiet import progress_bars_on_terminals_only, quiet
+
+    with progress_bars_on_terminals_only(), quiet("transformers", "diffusers"):
+        pipe = StableDiffusionPipeline.from_pretrained(
+            folder, safety_checker=None, feature_extractor=None, requires_safety_checker=False, use_safetensors=True,
+        )
     for module in (pipe.unet, pipe.vae, pipe.text_encoder):
-        module.to(torch.float32).eval()
+        if module.dtype != torch.float32:  # .to() on an fp32 model only prints diffusers' keep-in-fp32 notice
+            module.to(torch.float32)
+        module.eval()
     return pipe
 
 

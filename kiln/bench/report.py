@@ -7,11 +7,16 @@ from pathlib import Path
 from runtime.errors import format_table
 
 
+def plural(n: int, word: str) -> str:
+    """'1 step', '20 steps'."""
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
 def format_report(report: dict) -> str:
     """The terminal table: per batch, each stage's median for kiln and the baseline, and the ratio."""
     lines = [f"{report['model']} on {report['backend']} ({report['device']}), {report['size'][0]}x{report['size'][1]}, "
-             f"{report['steps']} steps {report['scheduler']}, guidance {report['guidance_scale']}, "
-             f"{report['runs']} runs alternating; fp32 matmul peak {report['matmul_peak_gflops']:.0f} GFLOP/s"]
+             f"{plural(report['steps'], 'step')} {report['scheduler']}, guidance {report['guidance_scale']}, "
+             f"{plural(report['runs'], 'run')} alternating; fp32 matmul peak {report['matmul_peak_gflops']:.0f} GFLOP/s"]
     base = report["baseline"]
     for entry in report["batches"]:
         k = entry["kiln"]
@@ -85,6 +90,10 @@ def plot_report(report: dict, path: Path) -> None:
     for label in labels:
         ax2.plot([e["batch"] for e in report["batches"]], [e[label]["throughput_images_per_s"] for e in report["batches"]],
                  marker="o", label=label)
+    batches = [e["batch"] for e in report["batches"]]
+    ax2.set_xticks(batches)  # the batch sizes measured, not a continuous axis (one batch would be a lone point)
+    if len(batches) == 1:
+        ax2.set_xlim(batches[0] - 1, batches[0] + 1)
     ax2.set_xlabel("batch (images per call)")
     ax2.set_ylabel("images / s")
     ax2.legend()

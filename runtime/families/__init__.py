@@ -57,4 +57,7 @@ def get(name: str) -> RuntimeFamily:
     if name not in FAMILY_MODULES:
         raise ArtifactError(f"model family {name!r} is not one this runtime can load ({', '.join(names())}); "
                             "upgrade kiln or rebuild the artifact")
-    return importlib.import_module(FAMILY_MODULES[name]).FAMILY
+    from runtime.quiet import quiet
+
+    with quiet("transformers"):  # diffusers' import makes transformers warn about image processors kiln never uses
+        return importlib.import_module(FAMILY_MODULES[name]).FAMILY

@@ -7,8 +7,9 @@ from typing import Any
 from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
 
 from runtime.assets import load_scheduler, load_tokenizer
-from runtime.errors import ShapeError
+from runtime.errors import RequestError, ShapeError
 from runtime.families import RuntimeFamily
+from runtime.guards import EngineBacked
 from runtime.manifest import Manifest
 from runtime.requests import checked
 from runtime.shims import TextEncoderShim, UNetShim, VaeShim
@@ -17,19 +18,19 @@ TASKS = {"text2img": ("text_encoder", "unet", "vae_decoder"),
          "img2img": ("text_encoder", "unet", "vae_decoder", "vae_encoder")}
 
 
-class EnginePipeline(StableDiffusionPipeline):
+class EnginePipeline(EngineBacked, StableDiffusionPipeline):
     """StableDiffusionPipeline whose text encoder, UNet and VAE are engines."""
 
     manifest: Manifest
 
     def request_size(self, a: dict[str, Any]) -> tuple[int, int]:
         default = self.unet.config.sample_size * self.vae_scale_factor
-        return a.get("height") or default, a.get("width") or default
+        return tuple(default if a.get(k) is None else a[k] for k in ("height", "width"))  # 0 is an error, not "default"
 
     __call__ = checked(StableDiffusionPipeline.__call__)
 
 
-class EngineImg2ImgPipeline(StableDiffusionImg2ImgPipeline):
+class EngineImg2ImgPipeline(EngineBacked, StableDiffusionImg2ImgPipeline):
     """StableDiffusionImg2ImgPipeline whose models are engines; the image sets the size."""
 
     manifest: Manifest
@@ -38,9 +39,36 @@ class EngineImg2ImgPipeline(StableDiffusionImg2ImgPipeline):
         image = a.get("image")
         if image is None:
             raise ShapeError("img2img needs an image; pass image=PIL.Image, numpy array or tensor", field="image")
-        return self.image_processor.get_default_height_width(image)
+        strength, steps = a.get("strength"), a.get("num_inference_steps") or 0
+        if strength is not None and not (0 < strength <= 1 and int(steps * strength) >= 1):
+            raise RequestError(f"strength {strength} with {steps} steps runs no denoising step: strength is how much "
+                               "of the init image is replaced by noise (0 < strength <= 1), and steps x strength must "
+                               "reach 1; raise one of them", field="strength")
+        return image_size(image, self.manifest)
 
     __call__ = checked(StableDiffusionImg2ImgPipeline.__call__)
+
+
+def image_size(image, manifest: Manifest) -> tuple[int, int]:
+    """(height, width) of an init image as given (PIL, numpy HWC or NHWC, tensor CHW or NCHW, or a
+    list of them): diffusers would round it down to a multiple of 8, but the engines need the size
+    multiple, so a size that is not one is refused naming the nearest that is."""
+    first = image[0] if isinstance(image, (list, tuple)) and image else image
+    if hasattr(first, "size") and not hasattr(first, "shape"):  # PIL
+        width, height = first.size
+    elif hasattr(first, "shape") and len(first.shape) >= 3:
+        shape = tuple(first.shape)[-3:]
+        is_tensor = type(first).__module__.startswith("torch")
+        height, width = (shape[1], shape[2]) if is_tensor else (shape[0], shape[1])  # CHW for tensors, HWC otherwise
+    else:
+        raise ShapeError(f"img2img needs an image (PIL.Image, numpy array or tensor), got {type(first).__name__}",
+                         field="image")
+    m = manifest.size_multiple
+    if height % m or width % m:
+        near = f"{max(m, round(height / m) * m)}x{max(m, round(width / m) * m)}"
+        raise ShapeError(f"the init image is {height}x{width} (height x width); these engines need both sides a "
+                         f"multiple of {m}. Resize it, e.g. to {near}", field="image")
+    return height, width
 
 
 PIPELINES = {"text2img": EnginePipeline, "img2img": EngineImg2ImgPipeline}

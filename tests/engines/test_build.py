@@ -20,7 +20,7 @@ def test_rebuild_with_unchanged_inputs_is_skipped(tiny_export, tiny_artifact, ca
     before = (tiny_artifact / "manifest.json").read_bytes()
     # a skip reads export.json only; hashing every graph of the export is for builds
     monkeypatch.setattr(build_mod, "_verify_export", lambda *a: (_ for _ in ()).throw(AssertionError("hashed")))
-    with caplog.at_level("INFO"):
+    with caplog.at_level("DEBUG", logger="engines"):
         result = build_from_export(tiny_export, tiny_artifact, CPU)
     assert result.skipped
     assert "is up to date" in caplog.text
