@@ -140,7 +140,7 @@ def build_from_export(export_dir: Path, out_dir: Path, options: BuildOptions = B
     from exporters.export import read_export
 
     export_dir, out_dir = Path(export_dir), Path(out_dir)
-    refuse_foreign(out_dir, MANIFEST_FILE, "artifact")
+    keep = refuse_foreign(out_dir, MANIFEST_FILE, "artifact")  # a user's own files in an old artifact stay
     export = read_export(export_dir)
     options = resolve_options(options)
     check_precisions(options, export["components"])
@@ -152,7 +152,7 @@ def build_from_export(export_dir: Path, out_dir: Path, options: BuildOptions = B
     _verify_export(export_dir, export)  # hashes every graph: only when something will be built from them
     components, engine_parity = {}, {}
     names = list(export["components"])
-    with atomic_folder(out_dir, needed_bytes=_build_bytes(export_dir, export, backend)) as tmp:
+    with atomic_folder(out_dir, needed_bytes=_build_bytes(export_dir, export, backend), keep=keep) as tmp:
         for i, name in enumerate(names, 1):
             entry = export["components"][name]
             started = time.perf_counter()

@@ -76,7 +76,9 @@ def ensure_builtin(name: str) -> Path:
     with cache_lock(folder):  # concurrent first uses make it once
         if not (folder / "model_index.json").is_file():
             log.info("creating built-in model %s in %s", name, folder)
-            with atomic_folder(folder) as tmp:
+            from runtime.quiet import progress_bars_on_terminals_only
+
+            with atomic_folder(folder) as tmp, progress_bars_on_terminals_only():
                 _build_pipeline(recipe).save_pretrained(tmp, safe_serialization=True)
     return folder
 

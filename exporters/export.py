@@ -114,7 +114,7 @@ def export_model(source: ModelSource, profile: Profile, out_dir: Path, options: 
     import torch
 
     out_dir = Path(out_dir)
-    refuse_foreign(out_dir, EXPORT_FILE, "export folder")
+    keep = refuse_foreign(out_dir, EXPORT_FILE, "export folder")
     family = source.family
     names = options.components_of(source)
     key = key or export_key(source, profile, options)
@@ -126,7 +126,7 @@ def export_model(source: ModelSource, profile: Profile, out_dir: Path, options: 
     # the model's attention upcast decides the fp16 softmax policy of every component
     upcast_attention = bool(specs[family.denoiser].config_of(pipe).get("upcast_attention", False))
     components: dict[str, Any] = {}
-    with atomic_folder(out_dir, needed_bytes=_export_bytes(source, profile, names)) as tmp:
+    with atomic_folder(out_dir, needed_bytes=_export_bytes(source, profile, names), keep=keep) as tmp:
         for asset in family.assets:
             getattr(pipe, asset).save_pretrained(tmp / asset)
         calibration = None

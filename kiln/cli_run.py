@@ -10,8 +10,8 @@ from pathlib import Path
 
 import click
 
-from kiln.bench.report import plural
 from kiln.params import ByteSize, CommaList
+from kiln.text import plural
 from runtime.errors import format_table
 
 
@@ -20,7 +20,8 @@ from runtime.errors import format_table
 @click.argument("prompt")
 @click.option("--negative-prompt", default=None)
 @click.option("--steps", default=None, type=click.IntRange(1, 1000), help="Default: the model family's (SD: 20).")
-@click.option("--guidance", "guidance_scale", default=None, type=float, help="Default: the model family's (SD: 7.5).")
+@click.option("--guidance", "guidance_scale", default=None, type=click.FloatRange(0, 30),
+              help="Classifier-free guidance, 0..30 (1 or less: none). Default: the model family's (SD: 7.5).")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2**63 - 1))
 @click.option("--height", default=None, type=click.IntRange(min=1), help="Pixels; default: the model's native size.")
 @click.option("--width", default=None, type=click.IntRange(min=1), help="Pixels; default: the model's native size.")
@@ -30,27 +31,45 @@ from runtime.errors import format_table
 @click.option("--init-image", type=click.Path(exists=True, dir_okay=False), help="Image for img2img (sets the size).")
 @click.option("--strength", default=None, type=float,
               help="img2img: how much of the init image is replaced by noise, 0 < strength <= 1 (default 0.75).")
+@click.option("--truncate-prompts", is_flag=True, help="Cut prompts over the text encoder's 77 tokens instead of refusing.")
 @click.option("--no-cuda-graphs", is_flag=True, help="TensorRT: enqueue every step instead of replaying CUDA graphs.")
 @click.option("--weight-streaming-budget", default=None, type=ByteSize(keywords=("auto",)),
               help="TensorRT: bytes of weights kept on the GPU per engine (e.g. 2e9 or 2GiB), or 'auto'.")
 @click.option("-o", "--output", default="out.png", show_default=True, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print what was written as JSON.")
 def generate(folder: Path, prompt: str, negative_prompt, steps, guidance_scale, seed, height, width, num_images,
-             scheduler, init_image, strength, no_cuda_graphs, weight_streaming_budget, output: Path, as_json: bool):
+             scheduler, init_image, strength, truncate_prompts, no_cuda_graphs, weight_streaming_budget, output: Path,
+             as_json: bool):
     """Generate an image from PROMPT with the engines in FOLDER."""
+    import math
+
     import torch
 
     from runtime import families, load_pipeline
+    from runtime.batcher import check_prompt_length
+    from runtime.families.sd import image_size
+    from runtime.manifest import load_manifest
     from runtime.schedulers import scheduler_from_name
 
+    if guidance_scale is not None and math.isnan(guidance_scale):
+        raise click.BadParameter("NaN is not a guidance scale; use 0..30", param_hint="--guidance")
     image = _check_generate(prompt, init_image, strength, height, width, output)  # every user mistake, before any work
-    strength = 0.75 if strength is None else strength
+    manifest = load_manifest(folder)
+    defaults = families.get(manifest.family).request_defaults
+    steps = defaults["steps"] if steps is None else steps
+    guidance_scale = defaults["guidance_scale"] if guidance_scale is None else guidance_scale
+    if image is not None:
+        strength = 0.75 if strength is None else strength
+        image_size(image, manifest)  # sides that are not a multiple: refused before the engines load
+        if int(steps * strength) < 1:
+            raise click.BadParameter(f"{strength} with {plural(steps, 'step')} runs no denoising step: steps x strength "
+                                     "must reach 1; raise --strength or --steps", param_hint="--strength")
     started = time.perf_counter()
     pipe = load_pipeline(folder, task="img2img" if init_image else "text2img", cuda_graphs=not no_cuda_graphs,
                          weight_streaming_budget=weight_streaming_budget)
-    defaults = families.get(pipe.manifest.family).request_defaults
-    steps = defaults["steps"] if steps is None else steps
-    guidance_scale = defaults["guidance_scale"] if guidance_scale is None else guidance_scale
+    if not truncate_prompts:  # as the HTTP service: a prompt the text encoder would cut is refused, not cut
+        check_prompt_length(pipe.tokenizer, prompt, "PROMPT")
+        check_prompt_length(pipe.tokenizer, negative_prompt, "--negative-prompt")
     if scheduler:
         pipe.scheduler = scheduler_from_name(scheduler, pipe.scheduler.config)
     args = dict(prompt=prompt, negative_prompt=negative_prompt, num_inference_steps=steps, guidance_scale=guidance_scale,
@@ -59,23 +78,26 @@ def generate(folder: Path, prompt: str, negative_prompt, steps, guidance_scale, 
         args.update(image=image, strength=strength)
     else:
         args.update(height=height, width=width)
-    pipe.set_progress_bar_config(disable=None)  # a bar on a terminal; nothing glued into logs elsewhere
-    with contextlib.redirect_stdout(sys.stderr):
+    from runtime.quiet import quiet
+
+    with contextlib.redirect_stdout(sys.stderr), quiet("diffusers", "transformers"):
         images = pipe(**args).images
     paths = []
-    for i, image in enumerate(images):
+    for i, result in enumerate(images):
         path = output if len(images) == 1 else output.with_name(f"{output.stem}-{i}{output.suffix}")
         path.parent.mkdir(parents=True, exist_ok=True)
-        image.save(path)
+        result.save(path)
         paths.append(path)
     seconds = time.perf_counter() - started
+    scheduler_name = scheduler or type(pipe.scheduler).__name__
     if as_json:
         click.echo(json.dumps({"images": [str(p) for p in paths], "size": list(images[0].size), "steps": steps,
-                               "seed": seed, "scheduler": type(pipe.scheduler).__name__, "seconds": round(seconds, 3)}))
+                               "seed": seed, "scheduler": scheduler_name, "scheduler_class": type(pipe.scheduler).__name__,
+                               "seconds": round(seconds, 3)}))
     else:
         w, h = images[0].size
-        click.echo(f"wrote {', '.join(map(str, paths))} ({w}x{h}, {plural(steps, 'step')}, "
-                   f"{type(pipe.scheduler).__name__}, {seconds:.1f} s)")
+        click.echo(f"wrote {', '.join(map(str, paths))} ({w}x{h}, {plural(steps, 'step')}, {scheduler_name}, "
+                   f"{seconds:.1f} s)")
 
 
 def _check_generate(prompt: str, init_image, strength, height, width, output: Path):
@@ -85,8 +107,14 @@ def _check_generate(prompt: str, init_image, strength, height, width, output: Pa
 
     if not prompt.strip():
         raise click.BadParameter("the prompt is empty; say what the image should show", param_hint="PROMPT")
-    if output.suffix.lower() not in Image.registered_extensions():
+    Image.init()
+    writable = {ext for ext, kind in Image.registered_extensions().items() if kind in Image.SAVE}
+    if output.suffix.lower() not in writable:
         raise click.BadParameter(f"{output.name} has no image file extension PIL can write (.png, .jpg, .webp, ...)",
+                                 param_hint="-o/--output")
+    blocked = next((p for p in output.parents if p.exists() and not p.is_dir()), None)
+    if blocked is not None:
+        raise click.BadParameter(f"{blocked} is a file, so {output} cannot be written; choose another path",
                                  param_hint="-o/--output")
     if init_image is None:
         if strength is not None:
@@ -239,8 +267,9 @@ def loadtest(url, clients, n_requests, duration, steps, height, width, api_key, 
     else:
         _print_load(report)
     if report["ok"] == 0:
-        raise ServiceError(f"no request succeeded: the service answered {report['status_codes']} "
-                           "(-1: no answer); see the service's log")
+        why = "; ".join(f"{code}: {text}" for code, text in report["errors"].items())
+        raise ServiceError(f"no request succeeded: the service answered {report['status_codes']}"
+                           + (" (-1: no answer)" if "-1" in report["status_codes"] else "") + f". First answers: {why}")
 
 
 def _print_load(report: dict) -> None:

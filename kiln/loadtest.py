@@ -40,6 +40,7 @@ async def _load(url: str, options: LoadOptions) -> dict:
 
     latencies: list[float] = []
     codes: dict[int, int] = {}
+    first_error: dict[int, str] = {}  # a body for each failing status: why it failed
     issued = 0
     started = time.perf_counter()
     deadline = started + options.duration
@@ -55,8 +56,11 @@ async def _load(url: str, options: LoadOptions) -> dict:
             try:
                 r = await http.post(f"{url.rstrip('/')}/v1/images", json=body, headers={"Accept": "image/png", **auth})
                 code = r.status_code
-            except httpx.HTTPError:
+                if code != 200:
+                    first_error.setdefault(code, r.text[:300])
+            except httpx.HTTPError as exc:
                 code = -1
+                first_error.setdefault(code, f"no answer ({type(exc).__name__}: {exc})")
             codes[code] = codes.get(code, 0) + 1
             if code == 200:
                 latencies.append(time.perf_counter() - t0)
@@ -70,6 +74,7 @@ async def _load(url: str, options: LoadOptions) -> dict:
     return {
         "url": url, "clients": options.clients, "steps": options.steps, "seconds": seconds,
         "requests": sum(codes.values()), "ok": ok, "status_codes": {str(k): v for k, v in sorted(codes.items())},
+        "errors": {str(k): v for k, v in sorted(first_error.items())},
         "throughput_images_per_s": ok / seconds if seconds else 0.0,
         "latency_s": {"p50": percentile(latencies, 50), "p95": percentile(latencies, 95),
                       "p99": percentile(latencies, 99), "mean": statistics.mean(latencies)} if ok else None,
@@ -89,6 +94,9 @@ async def _wait_ready(http, url: str, seconds: float) -> None:
             raise ServiceUnavailableError(f"no kiln service answers at {url} ({exc}); start one with `kiln serve DIR`") from exc
         if r.status_code == 200:
             return
+        if r.status_code in (401, 403, 404):  # not a kiln service's readiness, or not ours to use: waiting won't help
+            raise ServiceUnavailableError(f"{url} answered {r.status_code} to /readyz: is it the kiln service's base URL "
+                                          "(not .../v1/images), with --api-key if it needs one?")
         if time.perf_counter() > deadline:
             raise ServiceUnavailableError(f"the service at {url} is not ready after {seconds:.0f} s: "
                                           f"{r.json().get('status', r.status_code) if r.content else r.status_code}")

@@ -56,31 +56,50 @@ def path_problem(folder: Path, rel: str) -> str | None:
     return None
 
 
-def refuse_foreign(target: Path, marker: str, what: str) -> None:
+def refuse_foreign(target: Path, marker: str, what: str) -> list[str]:
     """An existing `target` may be replaced only when kiln made it: a folder whose `marker` JSON
     file has kiln's format_version (a manifest, an export.json), or an empty folder. Anything else,
-    a user's folder or a file, is refused, naming what is there."""
+    a user's folder or a file, is refused, naming what is there. Returns the files inside a kiln
+    folder that it does not list (a user's own, `make engines`' sample.png): the replacement keeps
+    them (atomic_folder's `keep`)."""
     import json
 
     target = Path(target)
+    for parent in target.parents:
+        if parent.exists() and not parent.is_dir():
+            raise ForeignOutputError(f"{target} cannot be written: {parent} is a file, not a folder; choose another path")
     if not target.exists() and not target.is_symlink():
-        return
+        return []
     if target.is_dir() and not target.is_symlink():
         entries = sorted(p.name for p in target.iterdir())
         if not entries:
-            return
+            return []
         try:
             data = json.loads((target / marker).read_text(encoding="utf-8"))
-            if isinstance(data, dict) and isinstance(data.get("format_version"), int):
-                return
         except (OSError, ValueError):
-            pass
+            data = None
+        if isinstance(data, dict) and isinstance(data.get("format_version"), int):
+            listed = _listed(data) | {marker}
+            return sorted(rel for rel in (p.relative_to(target).as_posix() for p in target.rglob("*") if p.is_file())
+                          if rel not in listed)
         shown = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
         found = f"a folder that is not a kiln {what} (it has no kiln {marker}; it holds {shown})"
     else:
         found = "a symbolic link" if target.is_symlink() else "a file"
     raise ForeignOutputError(f"{target} exists and is {found}. kiln replaces only its own {what}s: "
                              f"choose another --out, or move it away yourself")
+
+
+def _listed(data: dict) -> set[str]:
+    """The files a manifest or export.json describes (the files table; an export's per-component files)."""
+    listed = set(data.get("files") or {})
+    for name, c in (data.get("components") or {}).items():
+        files = c.get("files") if isinstance(c, dict) else None
+        if isinstance(files, dict):  # export.json: relative to the component's folder
+            listed |= {f"{name}/{f}" for f in files}
+        elif isinstance(files, list):
+            listed |= set(files)
+    return listed
 
 
 def temp_sibling(target: Path, kind: str) -> Path:
@@ -196,11 +215,13 @@ def output_lock(target: Path) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def atomic_folder(target: Path, needed_bytes: int | None = None) -> Iterator[Path]:
+def atomic_folder(target: Path, needed_bytes: int | None = None, keep=()) -> Iterator[Path]:
     """Yield a temporary sibling of `target` to fill; on success it replaces `target` in one atomic
     exchange (the path holds the old complete folder or the new one, never a part), after every
-    file and folder in it was fsynced. On any failure (KeyboardInterrupt included) it is removed and
-    `target` is left as it was. A full disk is a DiskFullError naming the folder and the bytes."""
+    file and folder in it was fsynced. `keep`: files of the old `target` (relative paths) copied into
+    the new one first, where it has no file of that name. On any failure (KeyboardInterrupt included)
+    the temporary folder is removed and `target` is left as it was. A full disk is a DiskFullError
+    naming the folder and the bytes."""
     target = Path(target).resolve()
     with output_lock(target):
         free = shutil.disk_usage(target.parent).free
@@ -210,6 +231,10 @@ def atomic_folder(target: Path, needed_bytes: int | None = None) -> Iterator[Pat
         try:
             try:
                 yield tmp
+                for rel in keep:
+                    if (target / rel).is_file() and not (tmp / rel).exists():
+                        (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+                        shutil.copy2(target / rel, tmp / rel)
                 fsync_tree(tmp)
                 replace_folder(tmp, target)
             except Exception as exc:

@@ -17,12 +17,14 @@ class EngineBacked:
         import torch
 
         device = kwargs.get("device")
-        dtype = kwargs.get("dtype")
+        dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
         for arg in args:
             if isinstance(arg, torch.dtype):
                 dtype = arg
-            elif isinstance(arg, (str, torch.device)):
+            elif isinstance(arg, (str, torch.device, int)):
                 device = arg
+        if isinstance(device, int):  # a CUDA device index
+            device = torch.device("cuda", device)
         backend = self.manifest.backend
         if device is not None and torch.device(device).type != self._engine_device().type:
             raise NotSupportedError(
@@ -47,3 +49,15 @@ class EngineBacked:
                                 "with --weight-streaming and load them with weight_streaming_budget=...")
 
     enable_sequential_cpu_offload = enable_model_cpu_offload
+
+    def load_lora_weights(self, *args, **kwargs):
+        raise NotSupportedError("a LoRA is fused into the engines when they are built: build an artifact from the model "
+                                "with the LoRA fused (one artifact per LoRA and scale you serve)")
+
+    fuse_lora = unfuse_lora = set_adapters = load_lora_weights
+
+    def enable_vae_slicing(self, *args, **kwargs):
+        raise NotSupportedError("the VAE engine decodes the whole batch at the sizes it was built for; VAE slicing and "
+                                "tiling are not in this kiln yet (keep requests within the artifact's batch and sizes)")
+
+    enable_vae_tiling = enable_vae_slicing

@@ -44,13 +44,14 @@ def progress_bars_on_terminals_only() -> Iterator[None]:
     import diffusers.utils.logging as diffusers_logging
     import transformers.utils.logging as transformers_logging
 
-    diffusers_logging.disable_progress_bar()
-    transformers_logging.disable_progress_bar()
+    was_on = [m for m in (diffusers_logging, transformers_logging) if m.is_progress_bar_enabled()]
+    for m in was_on:
+        m.disable_progress_bar()
     try:
         yield
     finally:
-        diffusers_logging.enable_progress_bar()
-        transformers_logging.enable_progress_bar()
+        for m in was_on:  # a user's own choice to turn them off stays
+            m.enable_progress_bar()
 
 
 @contextlib.contextmanager

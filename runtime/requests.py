@@ -73,15 +73,15 @@ def checked(call):
         bound.apply_defaults()
         a = bound.arguments
         refuse_unsupported(a)
-        height, width = self.request_size(a)
-        batch = prompt_batch(a.get("prompt"), a.get("prompt_embeds")) * (a.get("num_images_per_prompt") or 1)
-        check_request(self.manifest, height=height, width=width, batch=batch)
         text_shape = embedding_shape(self.manifest)
         for name in ("prompt_embeds", "negative_prompt_embeds"):
             x = a.get(name)
-            if x is not None and text_shape and tuple(x.shape[1:]) != text_shape:
+            if x is not None and text_shape and (x.ndim != len(text_shape) + 1 or tuple(x.shape[1:]) != text_shape):
                 raise ShapeError(f"{name} must have shape [batch, {', '.join(map(str, text_shape))}] for these engines, "
                                  f"got {list(x.shape)}", field=name)
+        height, width = self.request_size(a)
+        batch = prompt_batch(a.get("prompt"), a.get("prompt_embeds")) * (a.get("num_images_per_prompt") or 1)
+        check_request(self.manifest, height=height, width=width, batch=batch)
         latents = a.get("latents")
         if latents is not None:
             expected = (batch, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)

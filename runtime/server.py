@@ -63,8 +63,11 @@ def check_port(host: str, port: int) -> None:
         try:
             probe.bind((host, port))
         except OSError as exc:
-            raise ServiceError(f"cannot listen on {host}:{port} ({exc.strerror}): another program has it; "
-                               "pick another --port or stop that program") from None
+            import errno
+
+            advice = ("another program has it; pick another --port or stop that program" if exc.errno == errno.EADDRINUSE
+                      else "check --host: it must be an address of this machine (127.0.0.1, 0.0.0.0, ...)")
+            raise ServiceError(f"cannot listen on {host}:{port} ({exc.strerror or exc}): {advice}") from None
 
 
 def encode_png(image) -> bytes:

@@ -52,14 +52,53 @@ def test_a_file_is_never_replaced(tiny_export, tmp_path):
     assert r.exit_code == 2 and readme.read_text() == "# my project"
 
 
-def test_an_empty_folder_and_an_old_artifact_are_fine(tiny_export, tiny_artifact, tmp_path):
+def test_an_empty_folder_and_an_old_artifact_are_fine_and_your_files_in_it_stay(tiny_export, tiny_artifact, tmp_path):
     (tmp_path / "empty").mkdir()
     assert _kiln("build", tiny_export, "--out", tmp_path / "empty", "--backend", "onnxruntime").exit_code == 0
     old = shutil.copytree(tiny_artifact, tmp_path / "old")
+    (old / "notes.txt").write_text("mine")
+    (old / "best").mkdir()
+    (old / "best" / "sample.png").write_bytes(b"png")
     assert _kiln("build", tiny_export, "--out", old, "--backend", "onnxruntime", "--force").exit_code == 0
+    assert (old / "notes.txt").read_text() == "mine" and (old / "best" / "sample.png").read_bytes() == b"png"
+    from runtime import load_pipeline
+
+    load_pipeline(old)  # still a valid artifact, with the user's files beside it
+
+
+def test_a_path_through_a_file_is_refused(tiny_export, tmp_path):
+    (tmp_path / "afile").write_text("x")
+    r = _kiln("build", tiny_export, "--out", tmp_path / "afile" / "sub", "--backend", "onnxruntime")
+    assert r.exit_code == 2 and "is a file, not a folder" in r.output
 
 
 # ---- schedulers ---------------------------------------------------------------------------------------
+
+
+def test_every_scheduler_that_is_accepted_runs(tiny_artifact):
+    """Each short name, and each diffusers scheduler class the check lets through, at 1, 2 and 3 steps."""
+    import diffusers
+
+    from runtime import load_pipeline
+    from runtime.errors import SchedulerError
+    from runtime.schedulers import SCHEDULERS, scheduler_from_name
+
+    pipe = load_pipeline(tiny_artifact)
+    pipe.set_progress_bar_config(disable=True)
+    base = pipe.scheduler.config
+    accepted = []
+    for name in [*SCHEDULERS, *(n for n in dir(diffusers) if n.endswith("Scheduler"))]:
+        try:
+            scheduler = scheduler_from_name(name, base)
+        except SchedulerError:
+            continue
+        accepted.append(name)
+        for steps in (1, 2, 3):
+            pipe.scheduler = scheduler_from_name(name, base)
+            images = pipe("a fox", height=64, width=64, num_inference_steps=steps, output_type="np").images
+            assert images.shape == (1, 64, 64, 3), (name, steps)
+        del scheduler
+    assert set(SCHEDULERS) <= set(accepted) and "FlowMatchEulerDiscreteScheduler" not in accepted
 
 
 def test_every_listed_scheduler_runs_and_others_are_refused_before_work(tiny_artifact, tmp_path):
@@ -88,6 +127,10 @@ def test_the_service_refuses_a_scheduler_that_cannot_drive_the_unet(tiny_artifac
 @pytest.mark.parametrize("args, message", [
     (["--init-image", "{tmp}/not-an-image.png"], "is not an image PIL can read"),
     (["-o", "{tmp}/out.xyz"], "has no image file extension PIL can write"),
+    (["-o", "{tmp}/out.psd"], "has no image file extension PIL can write"),  # PIL reads .psd, cannot write it
+    (["-o", "{tmp}/not-an-image.png/x.png"], "is a file, so"),
+    (["--guidance", "nan"], "NaN is not a guidance scale"),
+    (["--guidance", "-5"], "Invalid value for '--guidance'"),
     (["--init-image", "{tmp}/init.png", "--strength", "0"], "strength is how much of the init image is replaced by noise"),
     (["--height", "0"], "Invalid value for '--height'"),
     (["--strength", "0.5"], "--strength applies to img2img: pass --init-image"),
@@ -96,18 +139,26 @@ def test_the_service_refuses_a_scheduler_that_cannot_drive_the_unet(tiny_artifac
                                         "multiple of 64. Resize it, e.g. to 64x128"),
     (["--init-image", "{tmp}/init.png", "--strength", "0.01", "--steps", "20"], "runs no denoising step"),
 ])
-def test_generate_mistakes(tiny_artifact, tmp_path, args, message):
+def test_generate_mistakes(tiny_artifact, tmp_path, monkeypatch, args, message):
+    import runtime
+
     (tmp_path / "not-an-image.png").write_text("hello")
     Image.new("RGB", (128, 64)).save(tmp_path / "init.png")
     Image.new("RGB", (100, 70)).save(tmp_path / "odd.png")
+    monkeypatch.setattr(runtime, "load_pipeline", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
     r = _kiln("generate", tiny_artifact, "a fox", "--steps", "2", *[a.format(tmp=tmp_path) for a in args])
     assert r.exit_code == 2 and message in r.output, r.output
     assert not (tmp_path / "out.png").exists() and not (tmp_path / "out.xyz").exists()
 
 
-def test_an_empty_prompt_is_refused_as_over_http(tiny_artifact):
+def test_an_empty_prompt_or_one_too_long_is_refused_as_over_http(tiny_artifact, tmp_path):
     r = _kiln("generate", tiny_artifact, "  ")
     assert r.exit_code == 2 and "the prompt is empty" in r.output
+    long = "lighthouse " * 10
+    r = _kiln("generate", tiny_artifact, long, "--steps", "1", "-o", tmp_path / "x.png")
+    assert r.exit_code == 2 and "tokens long and the text encoder reads at most 77" in r.output
+    r = _kiln("generate", tiny_artifact, long, "--steps", "1", "-o", tmp_path / "x.png", "--truncate-prompts")
+    assert r.exit_code == 0
 
 
 def test_prompt_embeds_of_the_wrong_width_are_a_shape_error(tiny_artifact):
@@ -119,6 +170,8 @@ def test_prompt_embeds_of_the_wrong_width_are_a_shape_error(tiny_artifact):
                                          r"\[1, 77, 768\]") as err:
         pipe(prompt_embeds=torch.zeros(1, 77, 768), negative_prompt_embeds=torch.zeros(1, 77, 768), num_inference_steps=1)
     assert err.value.field == "prompt_embeds"
+    with pytest.raises(ShapeError, match=r"prompt_embeds must have shape \[batch, 77, 32\].*got \[77, 100\]"):
+        pipe(prompt_embeds=torch.zeros(77, 100), num_inference_steps=1)
 
 
 def test_loadtest_needs_a_scheme():
@@ -134,7 +187,12 @@ def test_a_busy_port_is_found_before_the_model_loads(tiny_artifact):
         r = subprocess.run([sys.executable, "-m", "kiln", "serve", str(tiny_artifact), "--port", str(port)], cwd=ROOT,
                            capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in r.stderr and "Traceback" not in r.stderr
-    assert "serving" not in r.stderr  # nothing was loaded
+    assert "another program has it" in r.stderr and "serving" not in r.stderr  # nothing was loaded
+    from runtime.errors import ServiceError
+    from runtime.server import check_port
+
+    with pytest.raises(ServiceError, match="check --host"):
+        check_port("192.0.2.1", 18778)  # TEST-NET-1: an address of no machine here
 
 
 def test_loadtest_without_a_single_success_exits_non_zero(tmp_path):
@@ -175,6 +233,13 @@ def test_the_pipeline_refuses_what_engines_cannot_do(tiny_artifact, tmp_path):
         pipe.to("cuda")
     with pytest.raises(NotSupportedError, match=r"precision is built into them \(fp32.*--precision fp16"):
         pipe.to(torch.float16)
+    with pytest.raises(NotSupportedError, match="cannot move to cuda"):
+        pipe.to(0)
+    with pytest.raises(NotSupportedError, match="precision is built into them"):
+        pipe.to(torch_dtype=torch.float16)
+    for method in (pipe.load_lora_weights, pipe.fuse_lora, pipe.enable_vae_slicing):
+        with pytest.raises(NotSupportedError):
+            method()
     calls = []
     pipe.unet.engine = lambda **kw: calls.append(kw)
     with pytest.raises(NotSupportedError, match=r"a LoRA scale of 0.5 at call time.*fused into the engines"):
@@ -225,6 +290,10 @@ def test_small_wording(tiny_artifact, tmp_path):
     assert r.exit_code == 0 and json.loads(r.stdout)["scheduler"] == "DDIMScheduler"
     r = _kiln("generate", tiny_artifact, "a fox", "--steps", "1", "-o", tmp_path / "one.png")
     assert "(128x128, 1 step," in r.output
-    from kiln.bench.report import plural
+    from kiln.text import plural
 
     assert (plural(1, "run"), plural(3, "run")) == ("1 run", "3 runs")
+    r = _kiln("generate", tiny_artifact, "a fox", "--steps", "1", "--scheduler", "dpm++2m-karras", "-o", tmp_path / "k.png",
+              "--json")
+    data = json.loads(r.stdout)
+    assert (data["scheduler"], data["scheduler_class"]) == ("dpm++2m-karras", "DPMSolverMultistepScheduler")

@@ -4,12 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from kiln.text import plural
 from runtime.errors import format_table
-
-
-def plural(n: int, word: str) -> str:
-    """'1 step', '20 steps'."""
-    return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
 def format_report(report: dict) -> str:
@@ -98,7 +94,7 @@ def plot_report(report: dict, path: Path) -> None:
     ax2.set_ylabel("images / s")
     ax2.legend()
     fig.suptitle(f"{report['model']}, {report['backend']} on {report['device']}, {report['size'][0]}x{report['size'][1]}, "
-                 f"{report['steps']} steps")
+                 f"{plural(report['steps'], 'step')}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from kiln.bench.measure import PeakMemory, StageTimer, matmul_peak_gflops, module_flops, synchronize
+from kiln.text import plural
 from runtime.errors import KilnError, OptionsError, format_table
 from runtime.requests import check_request
 
@@ -276,6 +277,6 @@ def scheduler_sweep(folder: Path, step_counts=(5, 10, 20, 30), reference_steps: 
             generate(name, steps)  # warm-up at this step count
             images, seconds = generate(name, steps)
             rows.append({"scheduler": name, "steps": steps, "seconds": seconds, "psnr_db": psnr(reference, images)})
-            log.info("%s, %d steps: %.2f s, %.1f dB", name, steps, seconds, rows[-1]["psnr_db"] or float("inf"))
+            log.info("%s, %s: %.2f s, %.1f dB", name, plural(steps, "step"), seconds, rows[-1]["psnr_db"] or float("inf"))
     return {"artifact": str(folder), "size": [size["height"], size["width"]], "reference": {
         "scheduler": "ddim", "steps": reference_steps, "seconds": ref_seconds}, "rows": rows, "skipped": skipped}

@@ -53,13 +53,14 @@ def image_size(image, manifest: Manifest) -> tuple[int, int]:
     """(height, width) of an init image as given (PIL, numpy HWC or NHWC, tensor CHW or NCHW, or a
     list of them): diffusers would round it down to a multiple of 8, but the engines need the size
     multiple, so a size that is not one is refused naming the nearest that is."""
+    import torch
+
     first = image[0] if isinstance(image, (list, tuple)) and image else image
     if hasattr(first, "size") and not hasattr(first, "shape"):  # PIL
         width, height = first.size
     elif hasattr(first, "shape") and len(first.shape) >= 3:
         shape = tuple(first.shape)[-3:]
-        is_tensor = type(first).__module__.startswith("torch")
-        height, width = (shape[1], shape[2]) if is_tensor else (shape[0], shape[1])  # CHW for tensors, HWC otherwise
+        height, width = (shape[1], shape[2]) if isinstance(first, torch.Tensor) else (shape[0], shape[1])  # CHW / HWC
     else:
         raise ShapeError(f"img2img needs an image (PIL.Image, numpy array or tensor), got {type(first).__name__}",
                          field="image")
@@ -92,6 +93,7 @@ def assemble_sd(pipelines: dict[str, type]):
             requires_safety_checker=False,
         )
         pipe.manifest = manifest
+        pipe.set_progress_bar_config(disable=None)  # tqdm: a bar on a terminal, nothing glued into logs elsewhere
         return pipe
 
     return assemble
