@@ -2,10 +2,10 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-MODEL ?= tiny
+MODEL ?= digits
 BACKEND ?= auto
 OUT ?= artifacts/$(MODEL)
-PROMPT ?= a photograph of an astronaut riding a horse
+PROMPT ?= $(if $(filter digits%,$(MODEL)),a handwritten digit 3,a photograph of an astronaut riding a horse)
 TORCH_VERSION ?= 2.13.0
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 STAMP := $(VENV)/.installed
@@ -14,7 +14,7 @@ INSTALL ?= $(STAMP)
 KILN ?= $(if $(INSTALL),$(BIN)/kiln,kiln)
 HAS_NVIDIA := $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
 
-.PHONY: install install-tensorrt engines bench test test-fast test-gpu lint clean
+.PHONY: install install-tensorrt engines bench bench-digits train-digits test test-fast test-gpu lint clean
 
 install: $(STAMP)
 
@@ -28,7 +28,7 @@ else
 	$(BIN)/pip install --quiet "torch==$(TORCH_VERSION)+cpu" \
 	  || $(BIN)/pip install --quiet "torch==$(TORCH_VERSION)+cpu" --index-url $(TORCH_CPU_INDEX)
 endif
-	$(BIN)/pip install --quiet -e ".[test,serve]"
+	$(BIN)/pip install --quiet -e ".[test,serve,digits]"
 	touch $(STAMP)
 
 # TensorRT 11 from NVIDIA's index, for the CUDA major version torch was built with (GPU machines only).
@@ -36,11 +36,11 @@ install-tensorrt: $(STAMP)
 	cuda=$$($(BIN)/python -c "import torch; print((torch.version.cuda or '').split('.')[0])"); \
 	test -n "$$cuda" || { echo "torch here is a CPU build; TensorRT needs a CUDA build of torch"; exit 2; }; \
 	extra=$$(test "$$cuda" = 13 && echo tensorrt-cu13 || echo tensorrt); \
-	$(BIN)/pip install --quiet -e ".[test,serve,$$extra]" --extra-index-url https://pypi.nvidia.com
+	$(BIN)/pip install --quiet -e ".[test,serve,digits,$$extra]" --extra-index-url https://pypi.nvidia.com
 
 engines: $(INSTALL)
 	$(KILN) build $(MODEL) --out $(OUT) --backend $(BACKEND)
-	$(KILN) generate $(OUT) "$(PROMPT)" --steps 20 --seed 0 -o $(OUT)/sample.png
+	$(KILN) generate $(OUT) "$(PROMPT)" --seed 0 -o $(OUT)/sample.png
 	$(KILN) inspect $(OUT)
 
 # kiln against diffusers' PyTorch pipeline on `small` (35M-parameter UNet, 256x256), then the scheduler sweep.
@@ -50,6 +50,20 @@ bench: $(INSTALL)
 	$(KILN) build $(BENCH_MODEL) --out $(BENCH_OUT) --backend $(BACKEND)
 	$(KILN) bench $(BENCH_OUT) --batch 1,2,4 --steps 20 --runs 3 --plot $(BENCH_OUT)/bench.png --save $(BENCH_OUT)/bench.json
 	$(KILN) bench $(BENCH_OUT) --schedulers --plot $(BENCH_OUT)/schedulers.png --save $(BENCH_OUT)/schedulers.json
+
+# The speed-quality journey on the trained digits models: the scheduler sweeps with digit accuracy, then
+# diffusers' PyTorch DDIM 50 against kiln's DPM++ 20 and LCM 4 side by side (writes artifacts/digits*/).
+bench-digits: $(INSTALL)
+	$(KILN) build digits --out artifacts/digits --backend $(BACKEND)
+	$(KILN) build digits-lcm --out artifacts/digits-lcm --backend $(BACKEND)
+	$(KILN) bench artifacts/digits --schedulers --plot artifacts/digits/schedulers.png --save artifacts/digits/schedulers.json
+	$(KILN) bench artifacts/digits-lcm --schedulers --plot artifacts/digits-lcm/schedulers.png --save artifacts/digits-lcm/schedulers.json
+	$(KILN) bench artifacts/digits --journey artifacts/digits-lcm --plot artifacts/digits/journey.png --save artifacts/digits/journey.json
+
+# Retrain the committed digits weights (digits/weights/): VAE, text encoder, UNet, then the LCM distillation,
+# seeded; about 20 + 20 minutes on 2 cores. Not run by CI.
+train-digits: $(INSTALL)
+	$(if $(INSTALL),$(BIN)/,)python -m digits.train --stage all
 
 # Everything but the `gpu` tier (which skips, saying why, without TensorRT and CUDA).
 test: $(INSTALL)

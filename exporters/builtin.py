@@ -63,12 +63,31 @@ RECIPES = {
 }
 
 
+# Trained built-ins: weights committed in the repository (digits/weights/NAME-vVERSION, fp16
+# safetensors), made by `make train-digits` (digits/train.py); the version is the training recipe's.
+TRAINED = ("digits", "digits-lcm")
+
+
 def builtin_names() -> list[str]:
-    return sorted(RECIPES)
+    return sorted([*RECIPES, *TRAINED])
+
+
+def trained_folder(name: str) -> Path:
+    from digits.models import WEIGHTS_VERSION
+
+    return Path(__file__).resolve().parent.parent / "digits" / "weights" / f"{name}-v{WEIGHTS_VERSION}"
 
 
 def ensure_builtin(name: str) -> Path:
-    """Return the diffusers folder of built-in model `name`, creating it on first use."""
+    """Return the diffusers folder of built-in model `name`, creating it on first use (seeded ones)."""
+    if name in TRAINED:
+        folder = trained_folder(name)
+        if not (folder / "model_index.json").is_file():
+            from runtime.errors import ModelSourceError
+
+            raise ModelSourceError(f"the trained weights of {name} are not in {folder}; they are committed with kiln, "
+                                   "so restore them from git, or retrain with `make train-digits`")
+        return folder
     recipe = RECIPES[name]
     folder = kiln_cache_dir() / "builtin" / f"{name}-v{RECIPE_VERSION}"
     if (folder / "model_index.json").is_file():  # made before (atomically): no lock needed to read it
@@ -172,14 +191,14 @@ def _build_tokenizer():
     """A byte-level CLIP BPE tokenizer: the 512 byte symbols, no merges, capped at 77 tokens."""
     from transformers import CLIPTokenizer
 
-    symbols = list(_bytes_to_unicode().values())
+    symbols = list(bytes_to_unicode().values())
     vocab = {s: i for i, s in enumerate(symbols + [s + "</w>" for s in symbols])}
     vocab["<|startoftext|>"] = len(vocab)
     vocab["<|endoftext|>"] = len(vocab)
     return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77, pad_token="<|endoftext|>")
 
 
-def _bytes_to_unicode() -> dict[int, str]:
+def bytes_to_unicode() -> dict[int, str]:
     """GPT-2/CLIP's reversible byte to printable-unicode table."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     cs = bs[:]

@@ -58,7 +58,7 @@ def open_source(source: str) -> ModelSource:
     """A builtin:NAME, local folder or hub id → validated ModelSource."""
     if source.startswith("builtin:"):
         name = source.split(":", 1)[1]
-        if name not in builtin.RECIPES:
+        if name not in builtin.builtin_names():
             raise ModelSourceError(
                 f"unknown built-in model '{name}'. Built-in models: {', '.join(builtin.builtin_names())}"
             )
