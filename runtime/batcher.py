@@ -269,16 +269,20 @@ def normalize_request(pipe, request: ImageRequest, truncate_prompts: bool = Fals
     from runtime.requests import check_request
     from runtime.schedulers import scheduler_from_name
 
-    defaults = families.get(pipe.manifest.family).request_defaults
+    family = families.get(pipe.manifest.family)
+    defaults = family.request_defaults
     height, width = pipe.request_size({"height": request.height, "width": request.width})
     request = replace(request, height=height, width=width,
                       steps=defaults["steps"] if request.steps is None else request.steps,
                       guidance_scale=defaults["guidance_scale"] if request.guidance_scale is None else request.guidance_scale)
     check_request(pipe.manifest, height=height, width=width, batch=1)
+    if request.negative_prompt and not family.negative_prompt:
+        raise RequestError(f"this model ({pipe.manifest.family}) takes no negative prompt; leave it out",
+                           field="negative_prompt")
     if request.steps < 1:
         raise RequestError(f"steps must be >= 1, got {request.steps}", field="steps")
     if request.scheduler:
-        scheduler_from_name(request.scheduler, pipe.scheduler.config)  # raises for an unknown name
+        scheduler_from_name(request.scheduler, pipe.scheduler.config, family.schedulers)  # raises for an unknown name
     if not truncate_prompts:
         for name in ("prompt", "negative_prompt"):
             check_prompt_length(counting_tokenizer(pipe), getattr(request, name), name)

@@ -16,16 +16,23 @@ SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
                                                        "use_karras_sigmas": True}),
     "unipc": ("UniPCMultistepScheduler", {}),
     "lms": ("LMSDiscreteScheduler", {}),
+    "lcm": ("LCMScheduler", {}),  # for latent consistency models (their UNet takes a guidance embedding)
 }
 
 
-def scheduler_from_name(name: str, config):
+def scheduler_from_name(name: str, config, allowed: tuple[str, ...] | None = None):
     """A scheduler of kind `name` (short name or diffusers class name) built from `config`, the
     model's own scheduler config, exactly as `X.from_config(pipe.scheduler.config)` does; refused,
-    before any work, when it cannot drive this model's discrete-time UNet."""
+    before any work, when it cannot drive this model's discrete-time UNet, or is not one of the
+    classes in `allowed` (the family's `schedulers`, where its loop runs only some)."""
     import diffusers
 
     class_name, overrides = SCHEDULERS.get(name, (name, {}))
+    if allowed is not None and class_name not in allowed and getattr(diffusers, class_name, None) is not None:
+        names = [short for short, (cls_name, _) in SCHEDULERS.items() if cls_name in allowed] or list(allowed)
+        raise SchedulerError(f"{class_name} cannot run this model's loop, which needs {' or '.join(allowed)} "
+                             f"(a latent consistency model samples in a few steps with its own scheduler); "
+                             f"use {', '.join(names)}")
     cls = getattr(diffusers, class_name, None)
     backends = getattr(cls, "_backends", None)  # diffusers' stand-in for a class whose package is missing
     if backends:

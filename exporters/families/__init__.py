@@ -17,7 +17,7 @@ from exporters.specs import ComponentSpec
 from runtime.errors import ModelSourceError
 
 # the modules defining FAMILY, in the order their pipeline classes are listed to users
-FAMILY_MODULES = ("exporters.families.sd",)
+FAMILY_MODULES = ("exporters.families.sd", "exporters.families.lcm")
 _REGISTERED: dict[str, Family] = {}
 
 

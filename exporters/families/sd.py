@@ -35,13 +35,20 @@ def component_specs(dims: ModelDims) -> dict[str, ComponentSpec]:
 
 def load_pipeline(folder: Path):
     """The PyTorch pipeline (fp32, eval) through diffusers."""
-    import torch
     from diffusers import StableDiffusionPipeline
+
+    return load_with(StableDiffusionPipeline, folder)
+
+
+def load_with(pipeline_class, folder: Path):
+    """`pipeline_class.from_pretrained(folder)` from safetensors, fp32 and eval, without the notices
+    of components kiln does not use; for every family whose pipeline takes SD's components."""
+    import torch
 
     from runtime.quiet import progress_bars_on_terminals_only, quiet
 
     with progress_bars_on_terminals_only(), quiet("transformers", "diffusers"):
-        pipe = StableDiffusionPipeline.from_pretrained(
+        pipe = pipeline_class.from_pretrained(
             folder, safety_checker=None, feature_extractor=None, requires_safety_checker=False, use_safetensors=True,
         )
     for module in (pipe.unet, pipe.vae, pipe.text_encoder):

@@ -11,7 +11,7 @@ from typing import Any
 from runtime.errors import ArtifactError
 
 # family name → the module defining FAMILY (a RuntimeFamily)
-FAMILY_MODULES: dict[str, str] = {"sd": "runtime.families.sd"}
+FAMILY_MODULES: dict[str, str] = {"sd": "runtime.families.sd", "lcm": "runtime.families.lcm"}
 _REGISTERED: dict[str, RuntimeFamily] = {}
 
 
@@ -26,6 +26,9 @@ class RuntimeFamily:
     assets: the folders beside the engines its pipeline loads (tokenizers, scheduler); every file
         in them must be listed in the manifest.
     request_defaults: what a service request leaves out (steps, guidance_scale) for this family.
+    negative_prompt: whether its pipeline takes one (LCM's do not: no unconditional pass).
+    schedulers: the scheduler classes its loop can run, where only some can (LCM's needs the
+        denoised sample from step()); None: any that can drive the UNet (runtime/schedulers.py).
     """
 
     name: str
@@ -34,6 +37,8 @@ class RuntimeFamily:
     denoiser: str = "unet"
     assets: tuple[str, ...] = ("tokenizer", "scheduler")
     request_defaults: Mapping[str, Any] = field(default_factory=lambda: {"steps": 20, "guidance_scale": 7.5})
+    negative_prompt: bool = True
+    schedulers: tuple[str, ...] | None = None
 
     def components(self, task: str) -> tuple[str, ...]:
         if task not in self.tasks:
