@@ -86,8 +86,10 @@ def split_calibration(per_prompt):
 
 def pipeline_quality(tmp: Path, export: dict[str, Any], profile: Profile, task: str) -> dict[str, Any]:
     """PSNR of the exported graphs' images against the same pipeline with fp32 graphs, both run
-    as ONNX Runtime CPU engines straight from the export folder."""
-    from exporters.quality import pipeline_psnr
+    as ONNX Runtime CPU engines straight from the export folder; and, for a model with a judge
+    (exporters/judges.py), the judge's figures of both (e.g. digit accuracy of int8 against fp32)."""
+    from exporters.judges import judge_for
+    from exporters.quality import pipeline_judged, pipeline_psnr
     from runtime.manifest import ORT_CPU_BACKEND, component_entry, manifest_from_dict, manifest_record
 
     def manifest(fp32: bool):
@@ -96,5 +98,9 @@ def pipeline_quality(tmp: Path, export: dict[str, Any], profile: Profile, task: 
         components = {n: component_entry(c, file=files[n]) for n, c in export["components"].items()}
         return manifest_from_dict(tmp, manifest_record(export, backend=ORT_CPU_BACKEND, components=components))
 
-    return {"pipeline": pipeline_psnr(manifest(fp32=True), manifest(fp32=False), profile.height.opt, profile.width.opt,
-                                      task)}
+    fp32, exported = manifest(fp32=True), manifest(fp32=False)
+    quality = {"pipeline": pipeline_psnr(fp32, exported, profile.height.opt, profile.width.opt, task)}
+    judge = judge_for(export["model"]["source"])
+    if judge is not None:
+        quality["judged"] = pipeline_judged(fp32, exported, judge, profile.height.opt, profile.width.opt, task)
+    return quality

@@ -17,7 +17,10 @@ PSNR_STEPS = 8
 PSNR_SEED = 0
 
 
-__all__ = ["COSINE_GATES", "check_gate", "compare_graphs", "cosine", "pipeline_psnr", "psnr"]
+JUDGE_SEEDS = (0, 1)  # a judged set: every judge prompt at each of these seeds
+
+
+__all__ = ["COSINE_GATES", "check_gate", "compare_graphs", "cosine", "pipeline_judged", "pipeline_psnr", "psnr"]
 
 
 def compare_graphs(reference: Path, candidate: Path, samples: Sequence[Mapping[str, Any]], outputs: Sequence[str]) -> dict:
@@ -72,4 +75,25 @@ def pipeline_psnr(fp32_manifest, candidate_manifest, height: int, width: int, ta
               "prompts": list(PSNR_PROMPTS), "steps": PSNR_STEPS, "seed": PSNR_SEED, "size": [height, width]}
     log.info("pipeline PSNR against fp32 engines: %s dB (worst of %d images)",
              "identical" if result["psnr_db"] is None else f"{result['psnr_db']:.1f}", len(per_image))
+    return result
+
+
+def pipeline_judged(fp32_manifest, candidate_manifest, judge, height: int, width: int, task: str = "text2img") -> dict:
+    """The judge's figures (e.g. digit accuracy) of the candidate engines and of fp32 engines, on the
+    same prompts and seeds, at the family's default steps and guidance."""
+    from exporters.judges import judged_images
+    from runtime import families
+    from runtime.pipeline import pipeline_from_manifest
+
+    defaults = families.get(fp32_manifest.family).request_defaults
+    batch = int(fp32_manifest.profile["shapes"]["batch"][2])
+    result = {"judge": judge.name, "steps": defaults["steps"], "guidance_scale": defaults["guidance_scale"],
+              "size": [height, width]}
+    for label, manifest in (("fp32", fp32_manifest), ("exported", candidate_manifest)):
+        pipe = pipeline_from_manifest(manifest, task)
+        pipe.set_progress_bar_config(disable=True)
+        result[label] = judged_images(pipe, judge, JUDGE_SEEDS, batch, height=height, width=width,
+                                      num_inference_steps=defaults["steps"], guidance_scale=defaults["guidance_scale"])
+    log.info("%s: %.1f%% with these engines, %.1f%% with fp32 engines (%d images)", judge.name,
+             100 * result["exported"]["accuracy"], 100 * result["fp32"]["accuracy"], result["fp32"]["images"])
     return result

@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from kiln.params import export_options, tensorrt_options
+from kiln.text import plural
 from runtime.errors import format_table
 
 
@@ -127,6 +128,12 @@ def inspect(folder: Path, as_json: bool):
         value = "identical" if pipeline["psnr_db"] is None else f"{pipeline['psnr_db']:.1f} dB"
         click.echo(f"\nimages vs fp32 engines: PSNR {value} (worst of {len(pipeline['per_image_psnr_db'])}, "
                    f"{pipeline['steps']} steps, {pipeline['size'][0]}x{pipeline['size'][1]})")
+    judged = report.get("quality", {}).get("judged")
+    if isinstance(judged, dict) and all(isinstance(judged.get(k), dict) for k in ("fp32", "exported")):
+        mine, base = judged["exported"], judged["fp32"]
+        click.echo(f"{judged.get('judge', 'judged')}: {100 * mine['accuracy']:.1f}% with these engines, "
+                   f"{100 * base['accuracy']:.1f}% with fp32 engines; Fréchet distance {mine['frechet']:.2f} vs "
+                   f"{base['frechet']:.2f} ({mine['images']} images, {plural(judged.get('steps', 0), 'step')})")
 
 
 def _tensorrt_rows(b: dict) -> list[tuple[str, str]]:

@@ -19,15 +19,17 @@ from runtime.errors import format_table
 @click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.argument("prompt")
 @click.option("--negative-prompt", default=None)
-@click.option("--steps", default=None, type=click.IntRange(1, 1000), help="Default: the model family's (SD: 20).")
+@click.option("--steps", default=None, type=click.IntRange(1, 1000), help="Default: the model family's (SD: 20, LCM: 4).")
 @click.option("--guidance", "guidance_scale", default=None, type=click.FloatRange(0, 30),
-              help="Classifier-free guidance, 0..30 (1 or less: none). Default: the model family's (SD: 7.5).")
+              help="Classifier-free guidance, 0..30 (1 or less: none); for an LCM, the strength its UNet embeds. "
+                   "Default: the model family's (SD: 7.5, LCM: 8.5).")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2**63 - 1))
 @click.option("--height", default=None, type=click.IntRange(min=1), help="Pixels; default: the model's native size.")
 @click.option("--width", default=None, type=click.IntRange(min=1), help="Pixels; default: the model's native size.")
 @click.option("--num-images", default=1, show_default=True, type=click.IntRange(1, 64))
 @click.option("--scheduler", default=None,
-              help="ddim, pndm, euler, euler-a, dpm++2m, dpm++2m-karras, unipc, lms, or a diffusers class name.")
+              help="ddim, pndm, euler, euler-a, dpm++2m, dpm++2m-karras, unipc, lms, lcm (LCMs run only lcm), "
+                   "or a diffusers class name.")
 @click.option("--init-image", type=click.Path(exists=True, dir_okay=False), help="Image for img2img (sets the size).")
 @click.option("--strength", default=None, type=float,
               help="img2img: how much of the init image is replaced by noise, 0 < strength <= 1 (default 0.75).")
@@ -55,7 +57,12 @@ def generate(folder: Path, prompt: str, negative_prompt, steps, guidance_scale, 
         raise click.BadParameter("NaN is not a guidance scale; use 0..30", param_hint="--guidance")
     image = _check_generate(prompt, init_image, strength, height, width, output)  # every user mistake, before any work
     manifest = load_manifest(folder)
-    defaults = families.get(manifest.family).request_defaults
+    family = families.get(manifest.family)
+    defaults = family.request_defaults
+    if negative_prompt and not family.negative_prompt:
+        raise click.BadParameter(f"this model ({manifest.family}) takes no negative prompt: its guidance is an "
+                                 "embedding of --guidance, with no unconditional pass; leave it out",
+                                 param_hint="--negative-prompt")
     steps = defaults["steps"] if steps is None else steps
     guidance_scale = defaults["guidance_scale"] if guidance_scale is None else guidance_scale
     if image is not None:
@@ -71,7 +78,7 @@ def generate(folder: Path, prompt: str, negative_prompt, steps, guidance_scale, 
         check_prompt_length(pipe.tokenizer, prompt, "PROMPT")
         check_prompt_length(pipe.tokenizer, negative_prompt, "--negative-prompt")
     if scheduler:
-        pipe.scheduler = scheduler_from_name(scheduler, pipe.scheduler.config)
+        pipe.scheduler = scheduler_from_name(scheduler, pipe.scheduler.config, family.schedulers)
     args = dict(prompt=prompt, negative_prompt=negative_prompt, num_inference_steps=steps, guidance_scale=guidance_scale,
                 num_images_per_prompt=num_images, generator=torch.Generator("cpu").manual_seed(seed))
     if image is not None:
@@ -147,10 +154,14 @@ def _check_generate(prompt: str, init_image, strength, height, width, output: Pa
 @click.option("--height", default=None, type=int, help="Pixels; default: the profile's opt.")
 @click.option("--width", default=None, type=int, help="Pixels; default: the profile's opt.")
 @click.option("--schedulers", "sweep", is_flag=True,
-              help="Instead: DDIM, Euler a, DPM++ 2M Karras (and LCM where the model has it) at several step counts, "
-                   "time against PSNR from a 50-step DDIM image.")
-@click.option("--step-counts", default="5,10,20,30", show_default=True, type=CommaList(click.IntRange(min=1)),
-              help="--schedulers: step counts.")
+              help="Instead: DDIM, Euler a, DPM++ 2M Karras, UniPC (and LCM where the model has it) at several step "
+                   "counts, time against quality: the model's judge (digit accuracy and Fréchet distance for digits "
+                   "models), else PSNR from a 50-step DDIM image.")
+@click.option("--step-counts", default=None, type=CommaList(click.IntRange(min=1)),
+              help="--schedulers: step counts (default 1,2,4,8,20,50 for a judged model, else 5,10,20,30).")
+@click.option("--journey", "journey", type=click.Path(path_type=Path), default=None, metavar="LCM_DIR",
+              help="Instead: the speed journey, diffusers' PyTorch DDIM 50 steps → kiln DDIM 50 → DPM++ 20 → "
+                   "the LCM artifact LCM_DIR at 4 and 1 steps, side by side, with the judge's accuracy.")
 @click.option("--reference-steps", default=50, show_default=True, type=click.IntRange(1, 1000),
               help="--schedulers: DDIM steps of the reference image.")
 @click.option("--unet-step", "unet_step", is_flag=True,
@@ -158,16 +169,17 @@ def _check_generate(prompt: str, init_image, strength, height, width, output: Pa
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), help="Write a PNG plot (needs matplotlib).")
 @click.option("--save", type=click.Path(dir_okay=False, path_type=Path), help="Also write the JSON report to this file.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def bench(folders, baseline, batches, steps, runs, height, width, sweep, step_counts, reference_steps, unet_step, plot,
-          save, as_json):
+def bench(folders, baseline, batches, steps, runs, height, width, sweep, step_counts, journey, reference_steps, unet_step,
+          plot, save, as_json):
     """Benchmark the engines in FOLDERS: against PyTorch per stage (one folder), the scheduler sweep,
     or one UNet step of several artifacts side by side (--unet-step)."""
     from kiln.bench import report as fmt
-    from kiln.bench.run import BenchOptions, run_bench, scheduler_sweep
+    from kiln.bench.run import BenchOptions, run_bench
+    from kiln.bench.sweep import scheduler_sweep
     from kiln.bench.unet_step import unet_step_bench
 
-    if sweep and unet_step:
-        raise click.UsageError("--schedulers and --unet-step are different benchmarks; pick one")
+    if sum(map(bool, (sweep, unet_step, journey))) > 1:
+        raise click.UsageError("--schedulers, --journey and --unet-step are different benchmarks; pick one")
     if len(folders) > 1 and not unet_step:
         raise click.UsageError("several FOLDERS are compared only with --unet-step")
     if plot and unet_step:
@@ -175,7 +187,11 @@ def bench(folders, baseline, batches, steps, runs, height, width, sweep, step_co
     options = BenchOptions(baseline="none" if sweep or unet_step else baseline,
                            batches=batches or ((2,) if unet_step else (1,)), steps=steps,
                            runs=runs or (30 if unet_step else 3), height=height, width=width)
-    if unet_step:
+    if journey:
+        from kiln.bench.journey import format_journey, plot_journey, run_journey
+
+        report, text, draw = run_journey(folders[0], journey, runs=runs or 5), format_journey, plot_journey
+    elif unet_step:
         report, text, draw = unet_step_bench(folders, options), fmt.format_unet_steps, None
     elif sweep:
         report = scheduler_sweep(folders[0], step_counts, reference_steps, options)

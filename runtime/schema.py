@@ -166,4 +166,9 @@ def report_problems(data: Any) -> Problems:
             "psnr_db": (lambda v: v is None or isinstance(v, (int, float)), "a number or null"),
             "per_image_psnr_db": (lambda v: isinstance(v, list), "a list"), "steps": (_positive, "a positive integer"),
             "size": (lambda v: _int_list(v, 2), "[height, width]")})
+        judged = _table(problems, quality, "judged", "quality.judged", optional=True)
+        for side in ("fp32", "exported") if judged is not None else ():
+            _fields(problems, _table(problems, judged, side, f"quality.judged.{side}"), f"quality.judged.{side}", {
+                "accuracy": (lambda v: isinstance(v, (int, float)) and 0 <= v <= 1, "a share, 0..1"),
+                "frechet": (lambda v: isinstance(v, (int, float)), "a number"), "images": (_positive, "a positive integer")})
     return problems

@@ -46,11 +46,20 @@ def format_report(report: dict) -> str:
 
 
 def format_sweep(sweep: dict) -> str:
-    ref = sweep["reference"]
-    rows = [(r["scheduler"], r["steps"], f"{r['seconds']:.2f}", "identical" if r["psnr_db"] is None else f"{r['psnr_db']:.1f}")
-            for r in sweep["rows"]]
-    text = (f"distance from DDIM at {ref['steps']} steps ({ref['seconds']:.2f} s), {sweep['size'][0]}x{sweep['size'][1]}\n"
-            + format_table(["scheduler", "steps", "seconds", "PSNR dB"], rows))
+    size = f"{sweep['size'][0]}x{sweep['size'][1]}, guidance {sweep['guidance_scale']}"
+    if sweep.get("judge"):
+        rows = [(r["scheduler"], r["steps"], f"{r['seconds']:.3f}", f"{100 * r['accuracy']:.1f}", f"{r['frechet']:.2f}")
+                for r in sweep["rows"]]
+        images = sweep["rows"][0]["images"] if sweep["rows"] else 0
+        text = (f"{sweep['judge']} over {images} images (both prompt forms, seeds {', '.join(map(str, sweep['seeds']))}), "
+                f"{size}; seconds: one image\n"
+                + format_table(["scheduler", "steps", "s / image", "accuracy %", "Fréchet"], rows))
+    else:
+        ref = sweep["reference"]
+        rows = [(r["scheduler"], r["steps"], f"{r['seconds']:.2f}",
+                 "identical" if r["psnr_db"] is None else f"{r['psnr_db']:.1f}") for r in sweep["rows"]]
+        text = (f"distance from {ref['scheduler']} at {ref['steps']} steps ({ref['seconds']:.2f} s), {size}\n"
+                + format_table(["scheduler", "steps", "seconds", "PSNR dB"], rows))
     for name, why in sweep["skipped"].items():
         text += f"\n{name}: skipped, {why}"
     return text
@@ -101,15 +110,24 @@ def plot_report(report: dict, path: Path) -> None:
 
 
 def plot_sweep(sweep: dict, path: Path) -> None:
+    """Quality against seconds per image, a line per scheduler, each point labelled with its steps."""
     plt = _pyplot()
+    judged = bool(sweep.get("judge"))
+
+    def quality(r):
+        return 100 * r["accuracy"] if judged else (r["psnr_db"] or 100.0)
+
     fig, ax = plt.subplots(figsize=(6, 4))
     for name in dict.fromkeys(r["scheduler"] for r in sweep["rows"]):
         rows = [r for r in sweep["rows"] if r["scheduler"] == name]
-        ax.plot([r["seconds"] for r in rows], [r["psnr_db"] or 100.0 for r in rows], marker="o", label=name)
+        ax.plot([r["seconds"] for r in rows], [quality(r) for r in rows], marker="o", label=name)
         for r in rows:
-            ax.annotate(str(r["steps"]), (r["seconds"], r["psnr_db"] or 100.0), fontsize=7)
-    ax.set_xlabel("seconds per image")
-    ax.set_ylabel(f"PSNR vs DDIM {sweep['reference']['steps']} steps (dB)")
+            ax.annotate(str(r["steps"]), (r["seconds"], quality(r)), fontsize=7)
+    ax.set_xscale("log")
+    ax.set_xlabel("seconds per image (log scale; labels: steps)")
+    ax.set_ylabel(f"{sweep['judge']} (%)" if judged else f"PSNR vs {sweep['reference']['scheduler']} "
+                  f"{sweep['reference']['steps']} steps (dB)")
+    ax.set_title(sweep.get("model", ""), fontsize=9)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -4,7 +4,8 @@ scheduler's time against its distance from a many-step reference.
 
 Stages are timed inside real pipeline calls (the text encoder's calls, every UNet step, the VAE
 decode), so end-to-end minus the stages is what the pipeline itself costs (scheduler, latents,
-image post-processing). Numbers, not verdicts: nothing here passes or fails.
+image post-processing). Numbers, not verdicts: nothing here passes or fails. The scheduler sweep
+is kiln/bench/sweep.py, the speed journey kiln/bench/journey.py.
 """
 from __future__ import annotations
 
@@ -16,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 from kiln.bench.measure import PeakMemory, StageTimer, matmul_peak_gflops, module_flops, synchronize
-from kiln.text import plural
 from runtime.errors import KilnError, OptionsError, format_table
 from runtime.requests import check_request
 
@@ -24,7 +24,6 @@ log = logging.getLogger(__name__)
 
 BASELINES = ("torch", "torch-compile", "none")
 STAGES = ("text_encoder", "unet_step", "vae_decode", "end_to_end")
-SWEEP_SCHEDULERS = ("ddim", "euler-a", "dpm++2m-karras", "lcm")
 
 
 class BenchError(OptionsError):
@@ -233,50 +232,3 @@ def run_bench(folder: Path, options: BenchOptions = BenchOptions()) -> dict:
             entry["max_pixel_diff"] = float(np.abs(first["kiln"] - first[options.baseline]).max())
         report["batches"].append(entry)
     return report
-
-
-# ---- schedulers: time against distance from a 50-step DDIM reference -------------------------------
-
-
-def scheduler_sweep(folder: Path, step_counts=(5, 10, 20, 30), reference_steps: int = 50,
-                    options: BenchOptions = BenchOptions(baseline="none")) -> dict:
-    """Each scheduler at each step count: seconds per image and PSNR against DDIM at `reference_steps`."""
-    from runtime.pipeline import load_pipeline
-    from runtime.schedulers import scheduler_from_name
-
-    folder = Path(folder)
-    try:
-        pipe = load_pipeline(folder)
-    except KilnError as exc:
-        raise BenchError(f"cannot benchmark {folder}: {exc}") from exc
-    pipe.set_progress_bar_config(disable=True)
-    shapes = pipe.manifest.profile["shapes"]
-    size = dict(height=options.height or shapes["height"][1], width=options.width or shapes["width"][1])
-    base_config = pipe.scheduler.config
-    lcm_ok = type(pipe.scheduler).__name__ == "LCMScheduler"
-
-    def generate(name: str, steps: int):
-        import torch
-
-        pipe.scheduler = scheduler_from_name("LCMScheduler" if name == "lcm" else name, base_config)
-        start = time.perf_counter()
-        images = pipe(options.prompt, generator=torch.Generator("cpu").manual_seed(options.seed), num_inference_steps=steps,
-                      guidance_scale=options.guidance_scale, output_type="np", **size).images
-        return images, time.perf_counter() - start
-
-    log.info("reference: DDIM, %d steps", reference_steps)
-    reference, ref_seconds = generate("ddim", reference_steps)
-    from runtime.numerics import psnr
-
-    rows, skipped = [], {}
-    for name in SWEEP_SCHEDULERS:
-        if name == "lcm" and not lcm_ok:
-            skipped[name] = "needs an LCM-distilled model (its saved scheduler is LCMScheduler)"
-            continue
-        for steps in step_counts:
-            generate(name, steps)  # warm-up at this step count
-            images, seconds = generate(name, steps)
-            rows.append({"scheduler": name, "steps": steps, "seconds": seconds, "psnr_db": psnr(reference, images)})
-            log.info("%s, %s: %.2f s, %.1f dB", name, plural(steps, "step"), seconds, rows[-1]["psnr_db"] or float("inf"))
-    return {"artifact": str(folder), "size": [size["height"], size["width"]], "reference": {
-        "scheduler": "ddim", "steps": reference_steps, "seconds": ref_seconds}, "rows": rows, "skipped": skipped}
