@@ -34,7 +34,8 @@ def _gpu_unavailable() -> str | None:
 
 
 # fixtures that export or build a model; the second group takes minutes rather than seconds
-MODEL_FIXTURES = {"tiny_export", "tiny_artifact", "tiny_fp16_export", "tiny_fp16_artifact"}
+MODEL_FIXTURES = {"tiny_export", "tiny_artifact", "tiny_fp16_export", "tiny_fp16_artifact", "digits_artifact",
+                  "digits_lcm_artifact"}
 SLOW_FIXTURES = {"sd15_artifact", "artifacts", "tiny_int8_export"}
 
 
@@ -91,6 +92,22 @@ def sd15_artifact(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def artifacts(tiny_artifact, sd15_artifact) -> dict[str, Path]:
     return {"tiny": tiny_artifact, "tiny-sd15": sd15_artifact}
+
+
+@pytest.fixture(scope="session")
+def digits_artifact(tmp_path_factory) -> Path:
+    """`kiln build digits`: the trained embedded default (committed weights)."""
+    from engines.build import build_from_model
+
+    return build_from_model("digits", tmp_path_factory.mktemp("artifacts") / "digits", cpu_build_options()).folder
+
+
+@pytest.fixture(scope="session")
+def digits_lcm_artifact(tmp_path_factory) -> Path:
+    """`kiln build digits-lcm`: the latent consistency model distilled from digits."""
+    from engines.build import build_from_model
+
+    return build_from_model("digits-lcm", tmp_path_factory.mktemp("artifacts") / "digits-lcm", cpu_build_options()).folder
 
 
 PIPELINE = ("text_encoder", "unet", "vae_decoder")  # what text-to-image needs; skips the VAE encoder's export

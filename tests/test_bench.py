@@ -52,9 +52,9 @@ def test_scheduler_sweep_json(tiny_artifact):
     sweep = json.loads(r.stdout)
     assert sweep["reference"]["steps"] == 6
     assert {(row["scheduler"], row["steps"]) for row in sweep["rows"]} == {
-        (s, n) for s in ("ddim", "euler-a", "dpm++2m-karras") for n in (2, 4)}
+        (s, n) for s in ("ddim", "euler-a", "dpm++2m-karras", "unipc") for n in (2, 4)}
     assert all(row["seconds"] > 0 and row["psnr_db"] > 0 for row in sweep["rows"])
-    assert "lcm" in sweep["skipped"]
+    assert "lcm" in sweep["skipped"] and sweep["judge"] is None and "accuracy" not in sweep["rows"][0]
 
 
 def test_bench_on_a_bad_folder_is_one_error(tmp_path):

@@ -107,16 +107,20 @@ def test_readme_shows_the_two_setup_commands():
 
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
-def test_make_engines(tiny_artifact, tmp_path):
-    """`make engines` on an up-to-date artifact: skips the build, generates the proof image, inspects."""
-    out = shutil.copytree(tiny_artifact, tmp_path / "tiny")
+def test_make_engines(digits_artifact, tmp_path):
+    """`make engines` on an up-to-date artifact of the default model (digits): skips the build,
+    generates the proof image, which the digits classifier reads as the prompted 3, and inspects."""
+    from digits.metric import classify
+
+    out = shutil.copytree(digits_artifact, tmp_path / "digits")
     kiln = f"{sys.executable} -m kiln"
     r = subprocess.run(["make", "engines", "INSTALL=", f"KILN={kiln}", f"OUT={out}", "BACKEND=onnxruntime"], cwd=ROOT,
                        capture_output=True,
                        text=True, timeout=600, env=os.environ)
     assert r.returncode == 0, r.stderr
     assert "is up to date; skipped" in r.stdout
-    assert Image.open(out / "sample.png").size == (128, 128)
+    sample = Image.open(out / "sample.png")
+    assert sample.size == (64, 64) and list(classify([sample])) == [3]
 
 
 @pytest.mark.parametrize(

@@ -49,7 +49,7 @@ def test_the_pipeline_class_picks_the_family(fake_model):
 def test_unknown_runtime_family_is_refused_naming_the_known_ones(tmp_path):
     manifest = write_artifact(tmp_path / "a", {"name": "onnxruntime", "execution_provider": "CPUExecutionProvider"},
                               ".onnx", family="sdxl-future")
-    with pytest.raises(ArtifactError, match=r"model family 'sdxl-future' is not one this runtime can load \(sd\)"):
+    with pytest.raises(ArtifactError, match=r"model family 'sdxl-future' is not one this runtime can load \(lcm, sd\)"):
         runtime_families.get(manifest.family)
 
 

@@ -64,7 +64,7 @@ def test_unknown_model_lists_profiles():
 
 
 def test_unknown_builtin():
-    with pytest.raises(ModelSourceError, match="Built-in models: small, tiny, tiny-sd15"):
+    with pytest.raises(ModelSourceError, match="Built-in models: digits, digits-lcm, small, tiny, tiny-sd15"):
         open_source("builtin:huge")
 
 
