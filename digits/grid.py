@@ -21,9 +21,12 @@ def grid(artifacts: list[Path], seed: int = 0, scale: int = 1):
         pipe.set_progress_bar_config(disable=True)
         defaults = families.get(pipe.manifest.family).request_defaults
         prompts = [p for p, _ in data.all_prompts()]
-        images = pipe(prompts, num_inference_steps=defaults["steps"], guidance_scale=defaults["guidance_scale"],
-                      generator=[torch.Generator("cpu").manual_seed(seed + i) for i in range(len(prompts))],
-                      output_type="np").images
+        per_call = int(pipe.manifest.profile["shapes"]["batch"][2])
+        images = np.concatenate([
+            pipe(prompts[i:i + per_call], num_inference_steps=defaults["steps"], guidance_scale=defaults["guidance_scale"],
+                 generator=[torch.Generator("cpu").manual_seed(seed + i + j) for j in range(len(prompts[i:i + per_call]))],
+                 output_type="np").images
+            for i in range(0, len(prompts), per_call)])
         rows += [np.concatenate(list(images[r * 10:(r + 1) * 10]), axis=1) for r in range(2)]
     picture = Image.fromarray((np.concatenate(rows, axis=0) * 255).round().astype(np.uint8))
     return picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST) if scale > 1 else picture

@@ -146,7 +146,7 @@ def lcm_pipeline(vae, encoder, tokenizer, unet):
 
     pipe = LatentConsistencyModelPipeline(
         vae=vae, text_encoder=encoder, tokenizer=tokenizer, unet=unet,
-        scheduler=diffusers.LCMScheduler(**scheduler_kwargs("LCMScheduler")),
+        scheduler=diffusers.LCMScheduler.from_config(scheduler_kwargs("LCMScheduler")),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe

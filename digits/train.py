@@ -201,19 +201,26 @@ def sd_pipeline(vae, encoder, tokenizer, unet, scheduler: str, config=None):
     from diffusers import StableDiffusionPipeline
 
     cls = getattr(diffusers, scheduler)
-    sched = cls.from_config(config) if config is not None else cls(**scheduler_kwargs(scheduler))
+    sched = cls.from_config(config if config is not None else scheduler_kwargs(scheduler))
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=encoder, tokenizer=tokenizer, unet=unet, scheduler=sched,
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
+# Stable Diffusion's scheduler configs carry these whatever the class, so that any scheduler made
+# from them (X.from_config(pipe.scheduler.config)) treats the latents as SD's: DDIM without clipping
+# x0 to [-1, 1] (its default would ruin latents), PNDM without its Runge-Kutta warm-up.
+SD_SCHEDULER_KEYS = dict(clip_sample=False, set_alpha_to_one=False, skip_prk_steps=True)
+
+
 def scheduler_kwargs(name: str) -> dict:
+    """The config of scheduler class `name` for these models (SD's schedule and keys)."""
     extra = {"DDIMScheduler": dict(clip_sample=False, set_alpha_to_one=False),
              "PNDMScheduler": dict(skip_prk_steps=True, set_alpha_to_one=False),
              "DPMSolverMultistepScheduler": dict(use_karras_sigmas=True),
              "LCMScheduler": dict(clip_sample=False, set_alpha_to_one=False, original_inference_steps=50)}
-    return {**models.SCHEDULE, **extra.get(name, {})}
+    return {**models.SCHEDULE, **SD_SCHEDULER_KEYS, **extra.get(name, {})}
 
 
 def evaluate(pipe, steps: int, seeds=(100,), guidance: float = 7.5, batch: int = 40) -> metric.Quality:
@@ -255,7 +262,7 @@ def save(work: Path, out: Path, seeds=(200, 201, 202, 203)) -> dict:
 
         lcm = LatentConsistencyModelPipeline(
             vae=vae, text_encoder=encoder, tokenizer=tokenizer, unet=load_stage(work, "unet_lcm"),
-            scheduler=diffusers.LCMScheduler(**scheduler_kwargs("LCMScheduler")), safety_checker=None,
+            scheduler=diffusers.LCMScheduler.from_config(scheduler_kwargs("LCMScheduler")), safety_checker=None,
             feature_extractor=None, requires_safety_checker=False)
         written["digits-lcm"] = _write(lcm, out / f"digits-lcm-v{models.WEIGHTS_VERSION}")
     (work / "save.json").write_text(json.dumps({"schedulers_20_steps": sweep, "saved": best}, indent=2))
@@ -304,6 +311,8 @@ def main(argv=None) -> int:
     import torch
 
     from runtime.quiet import progress_bars_on_terminals_only, quiet
+
+    import diffusers  # noqa: F401  (imported before quiet(): its first import resets the loggers' levels)
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -99,8 +99,9 @@ def pipeline_quality(tmp: Path, export: dict[str, Any], profile: Profile, task: 
         return manifest_from_dict(tmp, manifest_record(export, backend=ORT_CPU_BACKEND, components=components))
 
     fp32, exported = manifest(fp32=True), manifest(fp32=False)
-    quality = {"pipeline": pipeline_psnr(fp32, exported, profile.height.opt, profile.width.opt, task)}
     judge = judge_for(export["model"]["source"])
+    prompts = {"prompts": (judge.prompts[0][0], judge.prompts[-1][0])} if judge else {}  # prompts the model knows
+    quality = {"pipeline": pipeline_psnr(fp32, exported, profile.height.opt, profile.width.opt, task, **prompts)}
     if judge is not None:
         quality["judged"] = pipeline_judged(fp32, exported, judge, profile.height.opt, profile.width.opt, task)
     return quality

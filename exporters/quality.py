@@ -53,7 +53,8 @@ def check_gate(component: str, precision: str, measured: Mapping[str, Mapping[st
         )
 
 
-def pipeline_psnr(fp32_manifest, candidate_manifest, height: int, width: int, task: str = "text2img") -> dict:
+def pipeline_psnr(fp32_manifest, candidate_manifest, height: int, width: int, task: str = "text2img",
+                  prompts: tuple[str, ...] = PSNR_PROMPTS) -> dict:
     """PSNR of final images, candidate engines against fp32 engines, same prompts and seeds."""
     import numpy as np
     import torch
@@ -67,12 +68,12 @@ def pipeline_psnr(fp32_manifest, candidate_manifest, height: int, width: int, ta
         images.append(np.concatenate([
             pipe(p, height=height, width=width, num_inference_steps=PSNR_STEPS,
                  generator=torch.Generator().manual_seed(PSNR_SEED + i), output_type="np").images
-            for i, p in enumerate(PSNR_PROMPTS)
+            for i, p in enumerate(prompts)
         ]))
     per_image = [psnr(a, b) for a, b in zip(*images)]
     finite = [v for v in per_image if v is not None]
     result = {"psnr_db": min(finite) if finite else None, "per_image_psnr_db": per_image,
-              "prompts": list(PSNR_PROMPTS), "steps": PSNR_STEPS, "seed": PSNR_SEED, "size": [height, width]}
+              "prompts": list(prompts), "steps": PSNR_STEPS, "seed": PSNR_SEED, "size": [height, width]}
     log.info("pipeline PSNR against fp32 engines: %s dB (worst of %d images)",
              "identical" if result["psnr_db"] is None else f"{result['psnr_db']:.1f}", len(per_image))
     return result
