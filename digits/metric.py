@@ -22,7 +22,7 @@ class Quality:
 
 @functools.lru_cache(maxsize=1)
 def classifier():
-    """The SVC (deterministic; about a second to fit) and the held-out real digits' feature stats."""
+    """The SVC, fitted on the training part (deterministic; about a second)."""
     from runtime.lazy import lazy_import
 
     SVC = lazy_import("sklearn.svm", install="pip install 'kiln[digits]'  (scikit-learn)").SVC
@@ -66,6 +66,8 @@ def quality(images, digits_prompted) -> Quality:
     import numpy as np
 
     grid = data.downscale(images)
+    if len(grid) != len(digits_prompted):
+        raise ValueError(f"{len(grid)} images but {len(digits_prompted)} prompted digits")
     flat = grid.reshape(len(grid), -1)
     predicted = classifier().predict(flat)
     accuracy = float((predicted == np.asarray(digits_prompted)).mean())

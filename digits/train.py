@@ -308,11 +308,10 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    import diffusers  # noqa: F401  (imported before quiet(): its first import resets the loggers' levels)
     import torch
 
     from runtime.quiet import progress_bars_on_terminals_only, quiet
-
-    import diffusers  # noqa: F401  (imported before quiet(): its first import resets the loggers' levels)
 
     if args.threads:
         torch.set_num_threads(args.threads)

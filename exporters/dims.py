@@ -20,7 +20,9 @@ class ModelDims:
     """The numbers of a model that shapes depend on, read from its configs.
 
     unet_conditions: the UNet's extra conditioning inputs beyond sample, timestep and text, as
-    (name, width) pairs of [unet_batch, width] float tensors, e.g. (("timestep_cond", 256),)."""
+    (name, width) pairs of [unet_batch, width] float tensors, e.g. (("timestep_cond", 256),).
+    guidance_batch: denoiser inputs per image under guidance: 2 where the pipeline runs
+    classifier-free guidance (an unconditional half), 1 where the guidance is an embedding (LCM)."""
 
     vae_scale_factor: int
     size_multiple: int
@@ -32,9 +34,13 @@ class ModelDims:
     native_height: int
     native_width: int
     unet_conditions: tuple[tuple[str, int], ...] = ()
+    guidance_batch: int = 2
 
     def to_dict(self) -> dict[str, Any]:
-        return {**self.__dict__, "unet_conditions": [list(c) for c in self.unet_conditions]}
+        d = {**self.__dict__, "unet_conditions": [list(c) for c in self.unet_conditions]}
+        if self.guidance_batch == 2:  # the default stays out of the record, so SD's export keys are unchanged
+            del d["guidance_batch"]
+        return d
 
 
 def read_json(path: Path) -> dict[str, Any]:

@@ -44,12 +44,13 @@ class ComponentSpec:
 
 def axis_ranges(profile: Profile, dims: ModelDims) -> dict[str, Range]:
     """(min, opt, max) of every named axis under `profile`. The UNet batch doubles under
-    classifier-free guidance but keeps min = batch min, so guidance_scale <= 1 still fits."""
-    f = dims.vae_scale_factor
+    classifier-free guidance (dims.guidance_batch: 1 for an LCM, which embeds its guidance) but
+    keeps min = batch min, so guidance_scale <= 1 still fits."""
+    f, g = dims.vae_scale_factor, dims.guidance_batch
     b, h, w = profile.batch, profile.height, profile.width
     return {
         "batch": b,
-        "unet_batch": Range(b.min, 2 * b.opt, 2 * b.max),
+        "unet_batch": Range(b.min, g * b.opt, g * b.max),
         "latent_height": Range(h.min // f, h.opt // f, h.max // f),
         "latent_width": Range(w.min // f, w.opt // f, w.max // f),
     }

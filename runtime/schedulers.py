@@ -31,8 +31,7 @@ def scheduler_from_name(name: str, config, allowed: tuple[str, ...] | None = Non
     if allowed is not None and class_name not in allowed and getattr(diffusers, class_name, None) is not None:
         names = [short for short, (cls_name, _) in SCHEDULERS.items() if cls_name in allowed] or list(allowed)
         raise SchedulerError(f"{class_name} cannot run this model's loop, which needs {' or '.join(allowed)} "
-                             f"(a latent consistency model samples in a few steps with its own scheduler); "
-                             f"use {', '.join(names)}")
+                             f"(its pipeline family runs only those); use {', '.join(names)}")
     cls = getattr(diffusers, class_name, None)
     backends = getattr(cls, "_backends", None)  # diffusers' stand-in for a class whose package is missing
     if backends:

@@ -24,7 +24,7 @@ def test_judged_scheduler_sweep(digits_artifact, tmp_path):
     for row in sweep["rows"]:
         assert row["images"] == 40 and 0 <= row["accuracy"] <= 1 and row["frechet"] >= 0 and row["seconds"] > 0
     by = {(row["scheduler"], row["steps"]): row for row in sweep["rows"]}
-    assert by[("dpm++2m-karras", 8)]["accuracy"] > by[("ddim", 2)]["accuracy"]  # more steps draw better digits
+    assert by[("dpm++2m-karras", 8)]["frechet"] < by[("ddim", 2)]["frechet"] / 2  # more steps, digits more like real ones
     assert "needs an LCM-distilled model" in sweep["skipped"]["lcm"]
     assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
     r = _bench(digits_artifact, "--schedulers", "--step-counts", "2")

@@ -179,7 +179,7 @@ def run_bench(folder: Path, options: BenchOptions = BenchOptions()) -> dict:
     for batch in options.batches:
         check_request(manifest, height=height, width=width, batch=batch)
     factor = manifest.data["dims"]["vae_scale_factor"]
-    cfg = 2 if options.guidance_scale > 1 else 1
+    cfg = manifest.data["dims"].get("guidance_batch", 2) if options.guidance_scale > 1 else 1  # 1: an LCM
     flops = {b: None if source is None else denoiser_flops(
         source, torch_pipe, manifest, {"unet_batch": cfg * b, "batch": b, "latent_height": height // factor,
                                        "latent_width": width // factor}) for b in options.batches}
