@@ -118,7 +118,7 @@ def distill(work: Path, steps: int, minutes: float, batch: int = 64, eval_every:
             response = guidance_response(pipe)
             student.train()
             log.info("lcm %d: 4 LCM steps: accuracy %.3f, Fréchet %.2f; guidance 3 vs 10 moves pixels by %.3f "
-                     "(mean |diff|)", step, q.accuracy, q.frechet, response)
+                     "(mean |diff|)", step, q["accuracy"], q["frechet"], response)
             student.save_pretrained(work / "unet_lcm")
         if out_of_time:
             log.info("lcm: time budget of %.0f minutes reached at step %d", minutes, step)

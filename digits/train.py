@@ -188,7 +188,7 @@ def train_unet(work: Path, steps: int, minutes: float, batch: int = 128, eval_ev
             log.info("unet %d/%d: loss %.4f lr %.2e (%.0f s)", step, steps, loss.item(), lr, time.monotonic() - start)
         if step % eval_every == 0 or step == steps or out_of_time:
             q = evaluate(sd_pipeline(vae, encoder, tokenizer, ema, "DDIMScheduler"), steps=20, seeds=(100, 101))
-            log.info("unet %d: DDIM 20 steps, guidance 7.5: accuracy %.3f, Fréchet %.2f", step, q.accuracy, q.frechet)
+            log.info("unet %d: DDIM 20 steps, guidance 7.5: accuracy %.3f, Fréchet %.2f", step, q["accuracy"], q["frechet"])
             ema.save_pretrained(work / "unet")
         if out_of_time:
             log.info("unet: time budget of %.0f minutes reached at step %d", minutes, step)
@@ -196,12 +196,11 @@ def train_unet(work: Path, steps: int, minutes: float, batch: int = 128, eval_ev
     return ema
 
 
-def sd_pipeline(vae, encoder, tokenizer, unet, scheduler: str, config=None):
+def sd_pipeline(vae, encoder, tokenizer, unet, scheduler: str):
     import diffusers
     from diffusers import StableDiffusionPipeline
 
-    cls = getattr(diffusers, scheduler)
-    sched = cls.from_config(config if config is not None else scheduler_kwargs(scheduler))
+    sched = getattr(diffusers, scheduler).from_config(scheduler_kwargs(scheduler))
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=encoder, tokenizer=tokenizer, unet=unet, scheduler=sched,
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
@@ -216,30 +215,15 @@ SD_SCHEDULER_KEYS = dict(clip_sample=False, set_alpha_to_one=False, skip_prk_ste
 
 def scheduler_kwargs(name: str) -> dict:
     """The config of scheduler class `name` for these models (SD's schedule and keys)."""
-    extra = {"DDIMScheduler": dict(clip_sample=False, set_alpha_to_one=False),
-             "PNDMScheduler": dict(skip_prk_steps=True, set_alpha_to_one=False),
-             "DPMSolverMultistepScheduler": dict(use_karras_sigmas=True),
-             "LCMScheduler": dict(clip_sample=False, set_alpha_to_one=False, original_inference_steps=50)}
+    extra = {"DPMSolverMultistepScheduler": dict(use_karras_sigmas=True), "LCMScheduler": dict(original_inference_steps=50)}
     return {**models.SCHEDULE, **SD_SCHEDULER_KEYS, **extra.get(name, {})}
 
 
-def evaluate(pipe, steps: int, seeds=(100,), guidance: float = 7.5, batch: int = 40) -> metric.Quality:
-    """Prompt accuracy over both prompt forms of every digit, for each seed (in batches)."""
-    import numpy as np
-    import torch
+def evaluate(pipe, steps: int, seeds=(100,), guidance: float = 7.5) -> dict:
+    """The judge's figures over both prompt forms of every digit at each seed (exporters/judges.py)."""
+    from exporters.judges import judged_images
 
-    pairs = data.all_prompts()
-    images, wanted = [], []
-    for seed in seeds:
-        for i in range(0, len(pairs), batch):
-            chunk = pairs[i:i + batch]
-            gens = [torch.Generator().manual_seed(seed * 1000 + i + j) for j in range(len(chunk))]
-            with torch.no_grad():
-                out = pipe([p for p, _ in chunk], num_inference_steps=steps, guidance_scale=guidance, generator=gens,
-                           output_type="np").images
-            images.append(out)
-            wanted += [d for _, d in chunk]
-    return metric.quality(np.concatenate(images), wanted)
+    return judged_images(pipe, metric.JUDGE, seeds, 40, num_inference_steps=steps, guidance_scale=guidance)
 
 
 def save(work: Path, out: Path, seeds=(200, 201, 202, 203)) -> dict:
@@ -250,7 +234,7 @@ def save(work: Path, out: Path, seeds=(200, 201, 202, 203)) -> dict:
     sweep = {}
     for name in ("DDIMScheduler", "PNDMScheduler", "EulerDiscreteScheduler", "DPMSolverMultistepScheduler",
                  "UniPCMultistepScheduler"):
-        sweep[name] = evaluate(sd_pipeline(vae, encoder, tokenizer, unet, name), steps=20, seeds=seeds).to_dict()
+        sweep[name] = evaluate(sd_pipeline(vae, encoder, tokenizer, unet, name), steps=20, seeds=seeds)
         log.info("save: %s at 20 steps: %s", name, sweep[name])
     best = max(sweep, key=lambda n: (sweep[n]["accuracy"], -sweep[n]["frechet"]))
     log.info("save: the saved scheduler is %s", best)
