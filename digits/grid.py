@@ -9,10 +9,10 @@ from pathlib import Path
 
 def grid(artifacts: list[Path], seed: int = 0, scale: int = 1):
     import numpy as np
-    import torch
     from PIL import Image
 
     from digits import data
+    from exporters.judges import seeded_images
     from runtime import families, load_pipeline
 
     rows = []
@@ -20,13 +20,9 @@ def grid(artifacts: list[Path], seed: int = 0, scale: int = 1):
         pipe = load_pipeline(folder)
         pipe.set_progress_bar_config(disable=True)
         defaults = families.get(pipe.manifest.family).request_defaults
-        prompts = [p for p, _ in data.all_prompts()]
-        per_call = int(pipe.manifest.profile["shapes"]["batch"][2])
-        images = np.concatenate([
-            pipe(prompts[i:i + per_call], num_inference_steps=defaults["steps"], guidance_scale=defaults["guidance_scale"],
-                 generator=[torch.Generator("cpu").manual_seed(seed + i + j) for j in range(len(prompts[i:i + per_call]))],
-                 output_type="np").images
-            for i in range(0, len(prompts), per_call)])
+        jobs = [(p, seed + i) for i, (p, _) in enumerate(data.all_prompts())]
+        images = seeded_images(pipe, jobs, int(pipe.manifest.profile["shapes"]["batch"][2]),
+                               num_inference_steps=defaults["steps"], guidance_scale=defaults["guidance_scale"])
         rows += [np.concatenate(list(images[r * 10:(r + 1) * 10]), axis=1) for r in range(2)]
     picture = Image.fromarray((np.concatenate(rows, axis=0) * 255).round().astype(np.uint8))
     return picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST) if scale > 1 else picture

@@ -34,14 +34,19 @@ def judge_for(source: str) -> Judge | None:
 def judged_images(pipe, judge: Judge, seeds: Sequence[int], batch: int, **call) -> dict:
     """Every judge prompt once per seed through `pipe` (in calls of `batch` images, each image with
     its own seeded generator, so that the result does not depend on `batch`), scored."""
+    jobs = [(p, label, seed * 1000 + i) for seed in seeds for i, (p, label) in enumerate(judge.prompts)]
+    images = seeded_images(pipe, [(p, s) for p, _, s in jobs], batch, **call)
+    result = judge.score(images, [label for _, label, _ in jobs])
+    return {**result, "seeds": list(seeds)}
+
+
+def seeded_images(pipe, jobs: Sequence[tuple[str, int]], batch: int, **call):
+    """(prompt, seed) jobs through `pipe` in calls of `batch`, each image with its own generator
+    (so the images do not depend on `batch`); numpy [N, H, W, 3] in 0..1."""
     import numpy as np
     import torch
 
-    jobs = [(p, label, seed * 1000 + i) for seed in seeds for i, (p, label) in enumerate(judge.prompts)]
-    images = []
-    for start in range(0, len(jobs), batch):
-        chunk = jobs[start:start + batch]
-        images.append(pipe([p for p, _, _ in chunk], generator=[torch.Generator("cpu").manual_seed(s) for *_, s in chunk],
-                           output_type="np", **call).images)
-    result = judge.score(np.concatenate(images), [label for _, label, _ in jobs])
-    return {**result, "seeds": list(seeds)}
+    return np.concatenate([
+        pipe([p for p, _ in jobs[i:i + batch]], generator=[torch.Generator("cpu").manual_seed(s) for _, s in jobs[i:i + batch]],
+             output_type="np", **call).images
+        for i in range(0, len(jobs), batch)])
