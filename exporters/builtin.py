@@ -3,8 +3,8 @@
 `tiny` is shaped like SD 2.1 (v-prediction, linear-projection and upcast attention, GELU CLIP);
 `tiny-sd15` like SD 1.5 (epsilon prediction, conv projection, quick-GELU CLIP); `small` is SD 1.5's
 architecture at a fifth of its width (a 35M-parameter UNet with 32-dim attention heads, 256x256
-images), big enough for CPU
-benchmarks to mean something. Each is created
+images), big enough for CPU benchmarks to mean something; `tiny-sdxl` and `tiny-sdxl-turbo` are
+shaped like SDXL and SDXL Turbo (exporters/builtin_sdxl.py). Each is created
 deterministically, saved in diffusers format under the cache folder, and from then on loaded
 through the same code path as any local diffusers folder.
 """
@@ -50,6 +50,9 @@ class TinyRecipe:
     vae_layers: int = 1
     vae_groups: int = 8
 
+    def build(self):
+        return _build_pipeline(self)
+
 
 RECIPES = {
     "tiny": TinyRecipe("tiny", "v_prediction", True, True, "gelu", "DDIMScheduler", (2, 2, 4, 4), 0),
@@ -63,13 +66,20 @@ RECIPES = {
 }
 
 
+def _recipes() -> dict:
+    """Every seeded recipe by name: SD-shaped (above) and SDXL-shaped (exporters/builtin_sdxl.py)."""
+    from exporters import builtin_sdxl
+
+    return {**RECIPES, **builtin_sdxl.RECIPES}
+
+
 # Trained built-ins: weights committed in the repository (digits/weights/NAME-vVERSION, fp16
 # safetensors), made by `make train-digits` (digits/train.py); the version is the training recipe's.
 TRAINED = ("digits", "digits-lcm")
 
 
 def builtin_names() -> list[str]:
-    return sorted([*RECIPES, *TRAINED])
+    return sorted([*_recipes(), *TRAINED])
 
 
 def trained_folder(name: str) -> Path:
@@ -88,7 +98,7 @@ def ensure_builtin(name: str) -> Path:
             raise ModelSourceError(f"the trained weights of {name} are not in {folder}; they are committed with kiln, "
                                    "so restore them from git, or retrain with `make train-digits`")
         return folder
-    recipe = RECIPES[name]
+    recipe = _recipes()[name]
     folder = kiln_cache_dir() / "builtin" / f"{name}-v{RECIPE_VERSION}"
     if (folder / "model_index.json").is_file():  # made before (atomically): no lock needed to read it
         return folder
@@ -98,7 +108,7 @@ def ensure_builtin(name: str) -> Path:
             from runtime.quiet import progress_bars_on_terminals_only
 
             with atomic_folder(folder) as tmp, progress_bars_on_terminals_only():
-                _build_pipeline(recipe).save_pretrained(tmp, safe_serialization=True)
+                recipe.build().save_pretrained(tmp, safe_serialization=True)
     return folder
 
 
@@ -108,7 +118,7 @@ def _build_pipeline(recipe: TinyRecipe):
     from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    tokenizer = _build_tokenizer()
+    tokenizer = build_tokenizer()
     torch.manual_seed(recipe.seed)
     # SD's topology at a tiny width: three cross-attention levels and a plain one, a cross-attention
     # mid block, three upsamplers (so sizes are multiples of 64, as for the real models).
@@ -187,7 +197,7 @@ def _build_pipeline(recipe: TinyRecipe):
     )
 
 
-def _build_tokenizer():
+def build_tokenizer(pad_token: str = "<|endoftext|>"):
     """A byte-level CLIP BPE tokenizer: the 512 byte symbols, no merges, capped at 77 tokens."""
     from transformers import CLIPTokenizer
 
@@ -195,7 +205,7 @@ def _build_tokenizer():
     vocab = {s: i for i, s in enumerate(symbols + [s + "</w>" for s in symbols])}
     vocab["<|startoftext|>"] = len(vocab)
     vocab["<|endoftext|>"] = len(vocab)
-    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77, pad_token="<|endoftext|>")
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77, pad_token=pad_token)
 
 
 def bytes_to_unicode() -> dict[int, str]:

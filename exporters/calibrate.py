@@ -54,6 +54,13 @@ def calibration_prompts(profile: Profile, builtin: bool, override: str | Path | 
     return prompts
 
 
+def calibration_guidance(profile: Profile) -> float:
+    """The guidance the pipeline calibrates at: the profile's recommended one, else 7.5 (0 for a
+    UNet built for guidance off)."""
+    g = profile.generation
+    return g.guidance_scale if g.guidance_scale is not None else (GUIDANCE if g.guidance else 0.0)
+
+
 def record_denoiser_inputs(pipe, spec: ComponentSpec, prompts: list[str], profile: Profile, steps: int,
                            seed: int = 0) -> list[list[dict[str, Any]]]:
     """Run the PyTorch pipeline on each prompt at the profile's opt size; return, per prompt, the
@@ -79,7 +86,8 @@ def record_denoiser_inputs(pipe, spec: ComponentSpec, prompts: list[str], profil
         for i, prompt in enumerate(prompts, 1):
             start = len(recorded)
             pipe(prompt, height=profile.height.opt, width=profile.width.opt, num_inference_steps=steps,
-                 guidance_scale=GUIDANCE, generator=torch.Generator().manual_seed(seed + i), output_type="latent")
+                 guidance_scale=calibration_guidance(profile),
+                 generator=torch.Generator().manual_seed(seed + i), output_type="latent")
             per_prompt.append(recorded[start:])
             log.info("calibration [%d/%d]: %d %s inputs recorded", i, len(prompts), len(recorded), spec.name)
     finally:

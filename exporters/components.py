@@ -11,6 +11,9 @@ from exporters.dims import ModelDims
 from exporters.specs import ComponentSpec, TensorSpec
 
 UNET_ADDED_CONDITIONS = ("text_embeds", "time_ids")  # passed to the UNet in added_cond_kwargs
+# sample inputs of the UNet's extra conditions, where a standard normal is unlike the real ones:
+# SDXL's time ids are image sizes and crop offsets in pixels
+CONDITION_SAMPLES = {"time_ids": ("uniform", 0.0, 1024.0)}
 LATENT = ("latent_height", "latent_width")
 
 
@@ -51,6 +54,47 @@ def clip_text_encoder(dims: ModelDims, name: str = "text_encoder") -> ComponentS
         inputs=(TensorSpec("input_ids", "int32", ("batch", dims.max_tokens), ("int", 0, dims.vocab_size)),),
         outputs=(TensorSpec("text_embeddings", "float32", ("batch", dims.max_tokens, dims.text_hidden_size)),),
         wrap=_wrap_clip_text(name),
+        config_of=config_of(name),
+        atol=1e-4,
+        rtol=1e-4,
+        module=name,
+    )
+
+
+def _wrap_clip_hidden(attr: str, pooled: bool, layer: int):
+    def wrap(pipe):
+        import torch
+
+        class TextEncoder(torch.nn.Module):
+            """input_ids → (pooled projection,) hidden states of layer `layer` (SDXL's penultimate)."""
+
+            def __init__(self, text_encoder):
+                super().__init__()
+                self.text_encoder = text_encoder
+
+            def forward(self, input_ids):
+                out = self.text_encoder(input_ids.to(torch.int64), output_hidden_states=True, return_dict=True)
+                hidden = out.hidden_states[layer]
+                return (out.text_embeds, hidden) if pooled else hidden
+
+        return TextEncoder(getattr(pipe, attr)).eval()
+
+    return wrap
+
+
+def clip_hidden_states(name: str, *, tokens: int, vocab: int, hidden: int, pooled: int = 0,
+                       layer: int = -2) -> ComponentSpec:
+    """A CLIP text encoder's hidden states of one layer (SDXL's conditioning: the penultimate) and,
+    for a CLIPTextModelWithProjection (`pooled` > 0: its projection width), the pooled projection
+    `text_embeds` the UNet takes as an added condition."""
+    outputs = (TensorSpec("hidden_states", "float32", ("batch", tokens, hidden)),)
+    if pooled:
+        outputs = (TensorSpec("text_embeds", "float32", ("batch", pooled)), *outputs)
+    return ComponentSpec(
+        name=name,
+        inputs=(TensorSpec("input_ids", "int32", ("batch", tokens), ("int", 0, vocab)),),
+        outputs=outputs,
+        wrap=_wrap_clip_hidden(name, bool(pooled), layer),
         config_of=config_of(name),
         atol=1e-4,
         rtol=1e-4,
@@ -110,7 +154,8 @@ def _unet_feed(condition_names: tuple[str, ...]) -> Callable[[dict], dict]:
 def unet(dims: ModelDims) -> ComponentSpec:
     """A UNet2DConditionModel denoiser; the batch axis doubles under classifier-free guidance."""
     latent = ("unet_batch", dims.unet_in_channels, *LATENT)
-    conditions = tuple(TensorSpec(n, "float32", ("unet_batch", width)) for n, width in dims.unet_conditions)
+    conditions = tuple(TensorSpec(n, "float32", ("unet_batch", width), CONDITION_SAMPLES.get(n, ("normal", 0.0, 1.0)))
+                       for n, width in dims.unet_conditions)
     names = tuple(t.name for t in conditions)
     return ComponentSpec(
         name="unet",

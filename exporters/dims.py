@@ -22,7 +22,10 @@ class ModelDims:
     unet_conditions: the UNet's extra conditioning inputs beyond sample, timestep and text, as
     (name, width) pairs of [unet_batch, width] float tensors, e.g. (("timestep_cond", 256),).
     guidance_batch: denoiser inputs per image under guidance: 2 where the pipeline runs
-    classifier-free guidance (an unconditional half), 1 where the guidance is an embedding (LCM)."""
+    classifier-free guidance (an unconditional half), 1 where the guidance is an embedding (LCM)
+    or where the profile builds the UNet for guidance off (SDXL Turbo).
+    text_encoders: for families with several text encoders (SDXL), per encoder (vocab size, hidden
+    width, pooled projection width or 0); text_hidden_size is then the width the UNet sees."""
 
     vae_scale_factor: int
     size_multiple: int
@@ -35,11 +38,14 @@ class ModelDims:
     native_width: int
     unet_conditions: tuple[tuple[str, int], ...] = ()
     guidance_batch: int = 2
+    text_encoders: tuple[tuple[int, int, int], ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
-        d = {**self.__dict__, "unet_conditions": [list(c) for c in self.unet_conditions]}
-        if self.guidance_batch == 2:  # the default stays out of the record, so SD's export keys are unchanged
-            del d["guidance_batch"]
+        d = {**self.__dict__, "unet_conditions": [list(c) for c in self.unet_conditions],
+             "text_encoders": [list(t) for t in self.text_encoders]}
+        for key, default in (("guidance_batch", 2), ("text_encoders", [])):
+            if d[key] == default:  # defaults stay out of the record, so SD's export keys are unchanged
+                del d[key]
         return d
 
 

@@ -17,12 +17,14 @@ import shutil
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from exporters.calibrate import calibration_prompts
 from exporters.check import POINTS, check_against_torch, parity_table
+from exporters.dims import ModelDims
+from exporters.lora import fuse_loras, resolve_loras
 from exporters.lowering import FP32_DIR, lower_precision, pipeline_quality
 from exporters.onnx_io import EXTERNAL_DATA_THRESHOLD, save_onnx
 from exporters.passes import PassContext, run_passes
@@ -54,6 +56,7 @@ class ExportOptions:
     precision: str | None = None  # --precision: overrides the profile for every component (see Profile.with_precision)
     calibration_prompts: str | None = None  # --calibration-prompts FILE
     int8_target: str = "tensorrt"  # recipe when the profile says recipe = "auto": the build target's
+    loras: tuple[tuple[str, float], ...] = ()  # --lora FILE_OR_HUB_ID[:SCALE]: fused after the profile's own
 
     def __post_init__(self):
         bad = [p for p in self.check_points if p not in POINTS] or ([] if self.check_points else ["(none)"])
@@ -81,6 +84,7 @@ def export_key(source: ModelSource, profile: Profile, options: ExportOptions) ->
     profile = _resolved(source, profile, options)
     identity = {
         "weights": source.weights_sha256,
+        "loras": [lora.sha256 for lora in resolve_loras(profile.loras)],
         "profile": profile.to_dict() | {"name": None},
         "calibration": _calibration_prompts(source, profile, options),
         "options": _identity_options(source, profile, options),
@@ -93,14 +97,20 @@ def export_key(source: ModelSource, profile: Profile, options: ExportOptions) ->
 def _resolved(source: ModelSource, profile: Profile, options: ExportOptions) -> Profile:
     """The profile bound to the model's family (a no-op when resolve_model did it), at --precision."""
     family = source.family
-    return bind_family(profile, family.components, family.denoiser).with_precision(options.precision)
+    bound = bind_family(profile, family.components, family.denoiser).keeping_fp32(source.keep_fp32)
+    return bound.with_precision(options.precision).with_loras(options.loras)
+
+
+def export_dims(source: ModelSource, profile: Profile) -> ModelDims:
+    """The model's dims as this profile builds them: a UNet built for guidance off sees one input per image."""
+    return source.dims if profile.generation.guidance else replace(source.dims, guidance_batch=1)
 
 
 def _identity_options(source: ModelSource, profile: Profile, options: ExportOptions) -> dict[str, Any]:
     """The options that change what an export writes: precision is in the resolved profile and the
     prompts' text in "calibration"; the int8 target matters only where something is int8."""
     identity = asdict(options) | {"components": list(options.components_of(source))}
-    for key in ("precision", "calibration_prompts"):
+    for key in ("precision", "calibration_prompts", "loras"):
         identity.pop(key)
     if not any(profile.precision_of(c) == "int8" for c in identity["components"]):
         identity.pop("int8_target")
@@ -120,9 +130,13 @@ def export_model(source: ModelSource, profile: Profile, out_dir: Path, options: 
     key = key or export_key(source, profile, options)
     profile = _resolved(source, profile, options)
     prompts = _calibration_prompts(source, profile, options)  # errors before any work
+    loras = resolve_loras(profile.loras)
+    dims = export_dims(source, profile)
     log.info("loading %s (%s, %s family)", source.source, source.folder, family.name)
     pipe = source.load_pipeline()
-    specs = family.component_specs(source.dims)
+    fuse_loras(pipe, loras)
+    set_scheduler(pipe, profile.generation)
+    specs = family.component_specs(dims)
     # the model's attention upcast decides the fp16 softmax policy of every component
     upcast_attention = bool(specs[family.denoiser].config_of(pipe).get("upcast_attention", False))
     components: dict[str, Any] = {}
@@ -139,7 +153,7 @@ def export_model(source: ModelSource, profile: Profile, out_dir: Path, options: 
             spec = specs[name]
             started = time.perf_counter()
             log.info("[%d/%d] %s: exporting with torch.onnx (%s)", i, len(names), name, options.exporter)
-            ranges = tensor_ranges(spec, profile, source.dims)
+            ranges = tensor_ranges(spec, profile, dims)
             module = spec.wrap(pipe)
             onnx_path = tmp / name / "model.onnx"
             onnx_path.parent.mkdir()
@@ -179,9 +193,11 @@ def export_model(source: ModelSource, profile: Profile, out_dir: Path, options: 
             "kiln_version": __version__,
             "export_key": key,
             "model": {"source": source.source, "pipeline_class": source.pipeline_class, "family": family.name,
-                      "weights_sha256": source.weights_sha256},
+                      "weights_sha256": source.weights_sha256,
+                      **({"pipeline_config": config} if (config := family.pipeline_config(pipe)) else {}),
+                      **({"loras": [lora.to_dict() for lora in loras]} if loras else {})},
             "profile": profile.to_dict(),
-            "dims": source.dims.to_dict(),
+            "dims": dims.to_dict(),
             "exporter": {"name": options.exporter, "opset": options.opset, "torch": torch.__version__,
                          "onnx": onnx.__version__},
             "assets": list(family.assets),
@@ -196,6 +212,23 @@ def export_model(source: ModelSource, profile: Profile, out_dir: Path, options: 
         (tmp / EXPORT_FILE).write_text(json.dumps(manifest, indent=2, default=_json_default), encoding="utf-8")
     log.debug("wrote %s", out_dir)
     return out_dir
+
+
+def set_scheduler(pipe, generation) -> None:
+    """The profile's scheduler, made from the model's own scheduler config with the profile's
+    overrides (what the artifact saves and the runtime loads); None keeps the model's."""
+    if generation.scheduler is None:
+        return
+    import diffusers
+    from diffusers import SchedulerMixin
+
+    cls = getattr(diffusers, generation.scheduler, None)
+    if not (isinstance(cls, type) and issubclass(cls, SchedulerMixin)):
+        raise ExportError(f"[generation] scheduler = {generation.scheduler!r} is not a diffusers scheduler class; "
+                          "use a name such as LCMScheduler, EulerAncestralDiscreteScheduler or DDIMScheduler")
+    pipe.scheduler = cls.from_config(pipe.scheduler.config, **dict(generation.scheduler_config))
+    log.info("scheduler: %s%s", generation.scheduler,
+             f" ({', '.join(f'{k}={v}' for k, v in generation.scheduler_config)})" if generation.scheduler_config else "")
 
 
 def _export_bytes(source: ModelSource, profile: Profile, names) -> int:

@@ -7,6 +7,7 @@ is bound to the family (`bind_family`), once MODEL is resolved.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from importlib import resources
@@ -21,12 +22,36 @@ from runtime.errors import ProfileError, format_table
 PRECISIONS = ("fp32", "fp16", "int8")
 _SOFTMAX = ("upcast", "always", "never")
 _SECTIONS = {
-    "model": {"source"},
+    "model": {"source", "loras"},
     "shapes": {"batch", "height", "width"},
     "precision": None,  # component names: the family's (checked by bind_family)
     "fp16": {"keep_fp32_ops", "keep_fp32_modules", "keep_fp32_softmax", "keep_fp32_components"},
     "int8": {"recipe", "calibration_prompts", "calibration_steps", "exclude_modules"},
+    "generation": {"steps", "guidance_scale", "max_guidance_scale", "guidance", "scheduler", "scheduler_config"},
 }
+
+
+@dataclass(frozen=True)
+class Generation:
+    """[generation]: how the model is meant to be run, recorded in the artifact.
+
+    steps, guidance_scale: what `kiln generate`, the server and benchmarks use when a request leaves
+        them out (None: the family's defaults); max_guidance_scale: above it the runtime warns once
+        (a distilled model given more guidance than it was made for: burnt, oversaturated images).
+    guidance: False builds the UNet for guidance off (UNet batch = images: half the activation
+        memory); a request with guidance_scale > 1 is then refused.
+    scheduler, scheduler_config: the scheduler class saved in the artifact (from the model's own
+        config, with these overrides, e.g. timestep_spacing = "trailing"); None keeps the model's."""
+
+    steps: int | None = None
+    guidance_scale: float | None = None
+    max_guidance_scale: float | None = None
+    guidance: bool = True
+    scheduler: str | None = None
+    scheduler_config: tuple[tuple[str, Any], ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "scheduler_config": dict(self.scheduler_config)}
 
 
 @dataclass(frozen=True)
@@ -54,6 +79,8 @@ class Profile:
     precision: tuple[tuple[str, str], ...] = ()
     fp16: Fp16Policy = Fp16Policy()
     int8: Int8Policy = Int8Policy()
+    generation: Generation = Generation()
+    loras: tuple[tuple[str, float], ...] = ()  # (file or hub id, scale): fused into the weights at export
     denoiser: str = field(default="unet", compare=False)  # the one component int8 calibration covers (the family's)
 
     def precision_of(self, component: str) -> str:
@@ -76,6 +103,14 @@ class Profile:
                 chosen[c] = precision
         return replace(self, precision=tuple(chosen.items()))
 
+    def keeping_fp32(self, components: tuple[str, ...]) -> Profile:
+        """The fp16 policy also keeps these components whole in fp32 (what a model's own config asks)."""
+        extra = tuple(c for c in components if c not in self.fp16.keep_fp32_components)
+        if not extra:
+            return self
+        fp16 = replace(self.fp16, keep_fp32_components=(*self.fp16.keep_fp32_components, *extra))
+        return replace(self, fp16=fp16).with_keep_fp32()
+
     def with_keep_fp32(self) -> Profile:
         """Components the fp16 policy keeps whole in fp32 stay fp32 even where [precision] says fp16."""
         keep = self.fp16.keep_fp32_components
@@ -84,12 +119,18 @@ class Profile:
     def to_dict(self) -> dict[str, Any]:
         return {
             "name": self.name,
-            "model": {"source": self.source},
+            "model": {"source": self.source,
+                      **({"loras": [{"source": s, "scale": k} for s, k in self.loras]} if self.loras else {})},
             "shapes": {"batch": self.batch.as_list(), "height": self.height.as_list(), "width": self.width.as_list()},
             "precision": dict(self.precision),
             "fp16": asdict(self.fp16),
             "int8": asdict(self.int8),
+            "generation": self.generation.to_dict(),
         }
+
+    def with_loras(self, loras: tuple[tuple[str, float], ...]) -> Profile:
+        """The profile's LoRAs and then these (--lora), fused in that order."""
+        return replace(self, loras=(*self.loras, *loras)) if loras else self
 
 
 def profiles_dir() -> Path:
@@ -156,6 +197,15 @@ def profile_from_dict(name: str, data: Mapping[str, Any], origin: str = "profile
     steps = int8.get("calibration_steps", 8)
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         problems.append(("int8.calibration_steps", "a positive integer", repr(steps)))
+    generation = _generation(data.get("generation", {}), problems)
+    loras = []
+    for i, entry in enumerate(model.get("loras", [])) if isinstance(model.get("loras", []), list) else ():
+        try:
+            loras.append(parse_lora(entry))
+        except ProfileError as exc:
+            problems.append((f"model.loras[{i}]", "'FILE_OR_HUB_ID[:SCALE]'", str(exc)))
+    if not isinstance(model.get("loras", []), list):
+        problems.append(("model.loras", "a list of 'FILE_OR_HUB_ID[:SCALE]' strings", repr(model["loras"])))
     if problems:
         raise ProfileError(f"{origin} is invalid:\n" + format_table(["field", "expected", "found"], problems))
     return Profile(
@@ -167,7 +217,58 @@ def profile_from_dict(name: str, data: Mapping[str, Any], origin: str = "profile
         precision=tuple(precision.items()),
         fp16=Fp16Policy(**{k: tuple(v) if isinstance(v, list) else v for k, v in fp16.items()}),
         int8=Int8Policy(**{k: tuple(v) if isinstance(v, list) else v for k, v in int8.items()}),
+        generation=generation,
+        loras=tuple(loras),
     ).with_keep_fp32()
+
+
+def parse_lora(text: object) -> tuple[str, float]:
+    """'FILE_OR_HUB_ID[:SCALE]' → (source, scale); the scale defaults to 1. A colon whose tail is
+    not a number belongs to the source."""
+    if not isinstance(text, str) or not text.strip():
+        raise ProfileError(f"a LoRA is 'FILE_OR_HUB_ID[:SCALE]', got {text!r}")
+    source, _, tail = text.rpartition(":")
+    try:
+        scale = float(tail) if source else None
+    except ValueError:
+        scale = None
+    if scale is None:
+        return text, 1.0
+    if not math.isfinite(scale):
+        raise ProfileError(f"LoRA scale must be a finite number, got {tail!r} in {text!r}")
+    return source, scale
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+
+
+def _generation(table: object, problems: list) -> Generation:
+    """The [generation] table, its fields checked."""
+    if not isinstance(table, Mapping):
+        return Generation()
+    checks = {
+        "steps": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "a positive integer"),
+        "guidance_scale": (_number, "a number >= 0"),
+        "max_guidance_scale": (_number, "a number >= 0"),
+        "guidance": (lambda v: isinstance(v, bool), "true or false"),
+        "scheduler": (lambda v: isinstance(v, str) and v.isidentifier(), "a diffusers scheduler class name"),
+        "scheduler_config": (lambda v: isinstance(v, Mapping), "a table of scheduler config overrides"),
+    }
+    fields = {}
+    for key, value in table.items():
+        if key in checks:
+            ok, expected = checks[key]
+            if not ok(value):
+                problems.append((f"generation.{key}", expected, repr(value)))
+            else:
+                fields[key] = value
+    if "scheduler_config" in fields:
+        fields["scheduler_config"] = tuple(sorted(fields["scheduler_config"].items()))
+    for key in ("guidance_scale", "max_guidance_scale"):
+        if key in fields:
+            fields[key] = float(fields[key])
+    return Generation(**fields)
 
 
 def _policy(data: Mapping[str, Any], section: str, problems: list) -> dict[str, Any]:

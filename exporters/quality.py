@@ -59,21 +59,24 @@ def pipeline_psnr(fp32_manifest, candidate_manifest, height: int, width: int, ta
     import numpy as np
     import torch
 
+    from runtime import families
     from runtime.pipeline import pipeline_from_manifest
 
+    guidance = families.request_defaults(fp32_manifest)["guidance_scale"]
     images = []
     for manifest in (fp32_manifest, candidate_manifest):
         pipe = pipeline_from_manifest(manifest, task)
         pipe.set_progress_bar_config(disable=True)
         images.append(np.concatenate([
-            pipe(p, height=height, width=width, num_inference_steps=PSNR_STEPS,
+            pipe(p, height=height, width=width, num_inference_steps=PSNR_STEPS, guidance_scale=guidance,
                  generator=torch.Generator().manual_seed(PSNR_SEED + i), output_type="np").images
             for i, p in enumerate(prompts)
         ]))
     per_image = [psnr(a, b) for a, b in zip(*images)]
     finite = [v for v in per_image if v is not None]
     result = {"psnr_db": min(finite) if finite else None, "per_image_psnr_db": per_image,
-              "prompts": list(prompts), "steps": PSNR_STEPS, "seed": PSNR_SEED, "size": [height, width]}
+              "prompts": list(prompts), "steps": PSNR_STEPS, "guidance_scale": guidance, "seed": PSNR_SEED,
+              "size": [height, width]}
     log.info("pipeline PSNR against fp32 engines: %s dB (worst of %d images)",
              "identical" if result["psnr_db"] is None else f"{result['psnr_db']:.1f}", len(per_image))
     return result
@@ -86,7 +89,7 @@ def pipeline_judged(fp32_manifest, candidate_manifest, judge, height: int, width
     from runtime import families
     from runtime.pipeline import pipeline_from_manifest
 
-    defaults = families.get(fp32_manifest.family).request_defaults
+    defaults = families.request_defaults(fp32_manifest)
     batch = int(fp32_manifest.profile["shapes"]["batch"][2])
     result = {"judge": judge.name, "steps": defaults["steps"], "guidance_scale": defaults["guidance_scale"],
               "size": [height, width]}

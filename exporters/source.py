@@ -49,6 +49,11 @@ class ModelSource:
         """Bytes of the weight files of the family's components."""
         return sum(p.stat().st_size for c in self.family.folder_components for p in (self.folder / c).rglob("*.safetensors"))
 
+    @functools.cached_property
+    def keep_fp32(self) -> tuple[str, ...]:
+        """Components this model's configs say must stay fp32 (see Family.keep_fp32)."""
+        return tuple(self.family.keep_fp32(self.folder))
+
     def load_pipeline(self):
         """Load the PyTorch pipeline (fp32, eval) through diffusers."""
         return self.family.load_pipeline(self.folder)

@@ -20,13 +20,13 @@ from runtime.errors import format_table
 @click.option("--int8-recipe", type=click.Choice(["tensorrt", "ort-cpu"]), default="tensorrt", show_default=True,
               help="int8 recipe when the profile says auto: TensorRT's (symmetric) or ONNX Runtime CPU's (U8S8).")
 def export(model: str, out: Path, profile: str | None, exporter: str, precision, calibration_prompts, int8_recipe,
-           check: str):
+           check: str, loras):
     """Export MODEL's components to checked ONNX graphs in OUT (portable: build engines anywhere from it)."""
     from exporters.export import ExportOptions, export_model
     from exporters.resolve import resolve_model
 
     options = ExportOptions(exporter=exporter, check_points=check, precision=precision,
-                            calibration_prompts=calibration_prompts, int8_target=int8_recipe)
+                            calibration_prompts=calibration_prompts, int8_target=int8_recipe, loras=tuple(loras))
     source, resolved = resolve_model(model, profile)
     export_model(source, resolved, out, options)
     click.echo(f"exported {model} to {out}")
@@ -45,7 +45,7 @@ def export(model: str, out: Path, profile: str | None, exporter: str, precision,
 @click.option("--force", is_flag=True, help="Rebuild even when the inputs are unchanged.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def build(model: str, out: Path, backend: str, device, profile: str | None, exporter: str, precision,
-          calibration_prompts, check: str, workspace_gib, optimization_level, hardware_compat, tf32, refit, strip_plan,
+          calibration_prompts, check: str, loras, workspace_gib, optimization_level, hardware_compat, tf32, refit, strip_plan,
           weight_streaming, force: bool, as_json: bool):
     """Build engines for MODEL (or a folder made by `kiln export`) into the artifact folder OUT."""
     from engines.build import BuildOptions, build_from_export, build_from_model, int8_target, resolve_options
@@ -57,15 +57,16 @@ def build(model: str, out: Path, backend: str, device, profile: str | None, expo
     options = resolve_options(BuildOptions(backend=backend, device=device, force=force, tensorrt=trt_options))
     started = time.perf_counter()
     if (Path(model) / "export.json").is_file():
-        if profile or precision or calibration_prompts:
-            raise click.UsageError("--profile, --precision and --calibration-prompts apply when exporting; "
+        if profile or precision or calibration_prompts or loras:
+            raise click.UsageError("--profile, --precision, --calibration-prompts and --lora apply when exporting; "
                                    "this export folder already fixed them")
         result = build_from_export(Path(model), out, options)
     else:
         from exporters.export import ExportOptions
 
         export_options = ExportOptions(exporter=exporter, check_points=check, precision=precision,
-                                       calibration_prompts=calibration_prompts, int8_target=int8_target(options))
+                                       calibration_prompts=calibration_prompts, int8_target=int8_target(options),
+                                       loras=tuple(loras))
         result = build_from_model(model, out, options, profile, export_options)
     seconds = time.perf_counter() - started
     if as_json:
@@ -96,6 +97,9 @@ def inspect(folder: Path, as_json: bool):
         ("model", d["model"]["source"]),
         ("pipeline", f"{d['model']['pipeline_class']} ({manifest.family} family)"),
         ("weights sha256", d["model"]["weights_sha256"][:16]),
+        *[("LoRA", f"{lora['source']} at scale {lora['scale']:g} (sha256 {lora['sha256'][:16]})")
+          for lora in d["model"].get("loras", [])],
+        *_generation_rows(d["profile"].get("generation") or {}),
         ("backend", f"{b['name']} {b.get('version', '?')} ({b.get('execution_provider') or b.get('gpu', '-')})"),
         *_tensorrt_rows(b),
         ("batch", "min {} / opt {} / max {}".format(*shapes["batch"])),
@@ -134,6 +138,16 @@ def inspect(folder: Path, as_json: bool):
         click.echo(f"{judged.get('judge', 'judged')}: {100 * mine['accuracy']:.1f}% with these engines, "
                    f"{100 * base['accuracy']:.1f}% with fp32 engines; Fréchet distance {mine['frechet']:.2f} vs "
                    f"{base['frechet']:.2f} ({mine['images']} images, {plural(judged.get('steps', 0), 'step')})")
+
+
+def _generation_rows(g: dict) -> list[tuple[str, str]]:
+    """What the profile recommends, where it says anything."""
+    said = [f"{g['steps']} steps" if g.get("steps") else "", f"guidance {g['guidance_scale']:g}"
+            if g.get("guidance_scale") is not None else "", f"warn above guidance {g['max_guidance_scale']:g}"
+            if g.get("max_guidance_scale") is not None else "", "UNet built for guidance off"
+            if g.get("guidance") is False else "", f"scheduler {g['scheduler']}" if g.get("scheduler") else ""]
+    said = [s for s in said if s]
+    return [("recommended", ", ".join(said))] if said else []
 
 
 def _tensorrt_rows(b: dict) -> list[tuple[str, str]]:

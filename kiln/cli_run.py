@@ -58,7 +58,7 @@ def generate(folder: Path, prompt: str, negative_prompt, steps, guidance_scale, 
     image = _check_generate(prompt, init_image, strength, height, width, output)  # every user mistake, before any work
     manifest = load_manifest(folder)
     family = families.get(manifest.family)
-    defaults = family.request_defaults
+    defaults = families.request_defaults(manifest)
     if negative_prompt and not family.negative_prompt:
         raise click.BadParameter(f"this model ({manifest.family}) takes no negative prompt: its guidance is an "
                                  "embedding of --guidance, with no unconditional pass; leave it out",

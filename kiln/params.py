@@ -63,6 +63,23 @@ class ByteSize(click.ParamType):
         return int(float(match.group(1)) * _UNITS[unit])
 
 
+class LoraParam(click.ParamType):
+    """--lora FILE_OR_HUB_ID[:SCALE] → (source, scale)."""
+
+    name = "lora"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        from exporters.profile import parse_lora
+        from runtime.errors import ProfileError
+
+        try:
+            return parse_lora(value)
+        except ProfileError as exc:
+            self.fail(str(exc), param, ctx)
+
+
 def options(*decorators):
     """Several click options as one decorator, applied in the order listed."""
 
@@ -84,6 +101,9 @@ export_options = options(
                  help="int8: prompt file, one per line (overrides the profile's)."),
     click.option("--check", "check", type=CommaList(click.STRING, example="min,opt"), default="min,opt,max",
                  show_default=True, help="Profile points to compare with PyTorch; 'max' of a large model needs much memory."),
+    click.option("--lora", "loras", type=LoraParam(), multiple=True, metavar="FILE_OR_HUB_ID[:SCALE]",
+                 help="Fuse this LoRA (diffusers format, .safetensors) into the weights at SCALE (default 1) "
+                      "before tracing; repeatable, after the profile's own."),
 )
 
 tensorrt_options = options(

@@ -270,7 +270,7 @@ def normalize_request(pipe, request: ImageRequest, truncate_prompts: bool = Fals
     from runtime.schedulers import scheduler_from_name
 
     family = families.get(pipe.manifest.family)
-    defaults = family.request_defaults
+    defaults = families.request_defaults(pipe.manifest)
     height, width = pipe.request_size({"height": request.height, "width": request.width})
     request = replace(request, height=height, width=width,
                       steps=defaults["steps"] if request.steps is None else request.steps,

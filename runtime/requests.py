@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
 
-from runtime.errors import NotSupportedError, ShapeError, format_table
+from runtime.errors import NotSupportedError, RequestError, ShapeError, format_table
 from runtime.manifest import Manifest
+
+log = logging.getLogger(__name__)
 
 
 def check_request(manifest: Manifest, *, height: int, width: int, batch: int) -> None:
@@ -45,6 +48,30 @@ def refuse_unsupported(a: dict) -> None:
                                     "built with one, which kiln does not export yet")
 
 
+def check_guidance(pipe, a: dict) -> None:
+    """A UNet built for guidance off (its batch is the image count) cannot run classifier-free
+    guidance: refuse guidance_scale > 1 before anything runs. Past the guidance the artifact's
+    model was made for (a Turbo or LCM-LoRA artifact), warn once per pipeline."""
+    from runtime.families import generation
+
+    recorded = generation(pipe.manifest)
+    scale = a.get("guidance_scale")
+    if scale is None:
+        return
+    cfg = scale > 1 and pipe.unet.config.get("time_cond_proj_dim") is None  # when diffusers runs the unconditional half
+    if recorded.get("guidance") is False and cfg:
+        raise RequestError(f"guidance_scale {scale} needs classifier-free guidance, but this artifact's UNet was built "
+                           f"for guidance off (profile {pipe.manifest.profile.get('name')!r}: [generation] guidance = "
+                           "false, a UNet batch of one per image); use guidance_scale <= 1, or rebuild with guidance "
+                           "on", field="guidance_scale")
+    limit = recorded.get("max_guidance_scale")
+    if limit is not None and scale > limit and not getattr(pipe, "_warned_guidance", False):
+        pipe._warned_guidance = True
+        log.warning("guidance_scale %g is above the %g this model was made for (profile %r recommends %s steps at "
+                    "guidance %s): expect burnt, oversaturated images", scale, limit, pipe.manifest.profile.get("name"),
+                    recorded.get("steps"), recorded.get("guidance_scale"))
+
+
 def embedding_shape(manifest) -> tuple[int, ...] | None:
     """The fixed trailing dims of the text conditioning the denoiser takes, e.g. (77, 768)."""
     unet = manifest.components.get("unet")
@@ -73,6 +100,7 @@ def checked(call):
         bound.apply_defaults()
         a = bound.arguments
         refuse_unsupported(a)
+        check_guidance(self, a)
         text_shape = embedding_shape(self.manifest)
         for name in ("prompt_embeds", "negative_prompt_embeds"):
             x = a.get(name)

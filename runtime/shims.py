@@ -56,6 +56,45 @@ class TextEncoderShim(EngineModule):
         return (embeddings,)
 
 
+class _HiddenStates:
+    """The one layer of hidden states an engine returns, where diffusers indexes all of them:
+    `hidden_states[-2]` (SDXL's penultimate layer) is the engine's; any other (clip_skip) is refused."""
+
+    def __init__(self, states: torch.Tensor, layer: int = -2):
+        self._states, self._layer = states, layer
+
+    def __getitem__(self, index):
+        if index != self._layer:
+            raise RequestError(f"these text encoder engines return the hidden states of layer {self._layer} only (the "
+                               f"penultimate, which SDXL uses); clip_skip asks for layer {index}. Leave clip_skip "
+                               "out, or pass prompt_embeds computed elsewhere", field="clip_skip")
+        return self._states
+
+
+class TextEncoderOutput(tuple):
+    """What diffusers reads of a CLIPTextModel(WithProjection) call with output_hidden_states=True:
+    item 0 (the pooled projection of a projecting encoder; else the states) and `.hidden_states`."""
+
+    hidden_states: _HiddenStates
+
+
+class HiddenStatesShim(EngineModule):
+    """A CLIP text encoder engine that returns one layer's hidden states and, for a projecting
+    encoder (SDXL's second), the pooled projection `text_embeds`: SDXL's encode_prompt reads both."""
+
+    def __init__(self, engine: Engine, config, device):
+        super().__init__(config, device)
+        self.engine = engine
+        self.pooled = any(t.name == "text_embeds" for t in engine.info.outputs)
+
+    def forward(self, input_ids, attention_mask=None, output_hidden_states=None, **kwargs):
+        out = self.engine(input_ids=input_ids.to(torch.int32))
+        states = out["hidden_states"].clone()
+        result = TextEncoderOutput((out["text_embeds"].clone() if self.pooled else states,))
+        result.hidden_states = _HiddenStates(states)
+        return result
+
+
 class UNetShim(EngineModule):
     """A UNet2DConditionModel engine. Conditions beyond sample, timestep and text are the engine's
     extra inputs, read from the manifest: `timestep_cond` (LCM's guidance embedding) and the
@@ -65,6 +104,11 @@ class UNetShim(EngineModule):
         super().__init__(config, device)
         self.engine = engine
         self.extra_inputs = tuple(t.name for t in engine.info.inputs if t.name not in UNET_CORE_INPUTS)
+        if self.config.get("addition_embed_type") == "text_time":  # SDXL's pipelines check the added projection's width
+            from types import SimpleNamespace
+
+            width = int(self.config["projection_class_embeddings_input_dim"])
+            self.add_embedding = SimpleNamespace(linear_1=SimpleNamespace(in_features=width))
 
     def forward(self, sample, timestep, encoder_hidden_states, timestep_cond=None, cross_attention_kwargs=None,
                 added_cond_kwargs=None, return_dict=True, **kwargs):

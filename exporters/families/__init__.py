@@ -17,7 +17,7 @@ from exporters.specs import ComponentSpec
 from runtime.errors import ModelSourceError
 
 # the modules defining FAMILY, in the order their pipeline classes are listed to users
-FAMILY_MODULES = ("exporters.families.sd", "exporters.families.lcm")
+FAMILY_MODULES = ("exporters.families.sd", "exporters.families.lcm", "exporters.families.sdxl")
 _REGISTERED: dict[str, Family] = {}
 
 
@@ -38,6 +38,10 @@ class Family:
     record_calibration: (pipe, denoiser spec, prompts, profile, steps, seed) → per prompt, the
         denoiser's real inputs while the pipeline denoises.
     assets: folders saved beside the graphs for the runtime (tokenizers, scheduler), from the pipeline.
+    keep_fp32: model folder → the components its own configs say must not run in fp16 (SDXL's VAE
+        with `force_upcast`); `--precision fp16` spares them as it spares the profile's.
+    pipeline_config: pipeline → the pipeline's own registered options the runtime must construct it
+        with (SDXL's force_zeros_for_empty_prompt), recorded as the manifest's model.pipeline_config.
     """
 
     name: str
@@ -50,6 +54,8 @@ class Family:
     load_pipeline: Callable[[Path], Any]
     record_calibration: Callable[..., list]
     assets: tuple[str, ...] = ("tokenizer", "scheduler")
+    keep_fp32: Callable[[Path], tuple[str, ...]] = lambda folder: ()
+    pipeline_config: Callable[[Any], dict] = lambda pipe: {}
 
     @property
     def tasks(self) -> Mapping[str, tuple[str, ...]]:

@@ -40,18 +40,19 @@ def load_pipeline(folder: Path):
     return load_with(StableDiffusionPipeline, folder)
 
 
-def load_with(pipeline_class, folder: Path):
-    """`pipeline_class.from_pretrained(folder)` from safetensors, fp32 and eval, without the notices
-    of components kiln does not use; for every family whose pipeline takes SD's components."""
+SD_LOAD_OPTIONS = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+
+
+def load_with(pipeline_class, folder: Path, modules=("unet", "vae", "text_encoder"), options=SD_LOAD_OPTIONS):
+    """`pipeline_class.from_pretrained(folder, **options)` from safetensors, its `modules` fp32 and
+    eval, without the notices of components kiln does not use."""
     import torch
 
     from runtime.quiet import progress_bars_on_terminals_only, quiet
 
     with progress_bars_on_terminals_only(), quiet("transformers", "diffusers"):
-        pipe = pipeline_class.from_pretrained(
-            folder, safety_checker=None, feature_extractor=None, requires_safety_checker=False, use_safetensors=True,
-        )
-    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+        pipe = pipeline_class.from_pretrained(folder, use_safetensors=True, **options)
+    for module in (getattr(pipe, m) for m in modules):
         if module.dtype != torch.float32:  # .to() on an fp32 model only prints diffusers' keep-in-fp32 notice
             module.to(torch.float32)
         module.eval()

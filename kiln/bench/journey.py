@@ -54,7 +54,7 @@ def journey_stops(folder: Path, lcm_folder: Path | None) -> list[Stop]:
     if source is None:
         raise BenchError(f"the journey's baseline needs the PyTorch model {manifest.model['source']!r}, which is not "
                          "available here")
-    guidance = families.get(manifest.family).request_defaults["guidance_scale"]
+    guidance = families.request_defaults(manifest)["guidance_scale"]
     base = engines(folder)
     torch_pipe = source.load_pipeline()
     torch_pipe.set_progress_bar_config(disable=True)
@@ -76,7 +76,7 @@ def journey_stops(folder: Path, lcm_folder: Path | None) -> list[Stop]:
             raise BenchError(f"--journey takes a latent consistency model's artifact; {lcm_folder} is a "
                              f"{lcm_manifest.family} model")
         lcm = engines(lcm_folder)
-        lcm_guidance = families.get(lcm_manifest.family).request_defaults["guidance_scale"]
+        lcm_guidance = families.request_defaults(lcm_manifest)["guidance_scale"]
         stops += [Stop("LCM 4", "kiln", "lcm", 4, lcm, lcm_guidance), Stop("LCM 1", "kiln", "lcm", 1, lcm, lcm_guidance)]
     return stops
 

@@ -56,7 +56,7 @@ def scheduler_sweep(folder: Path, step_counts=None, reference_steps: int = 50, o
     judge = judge_for(manifest.model["source"])
     shapes = manifest.profile["shapes"]
     size = dict(height=options.height or shapes["height"][1], width=options.width or shapes["width"][1])
-    guidance = family.request_defaults["guidance_scale"]
+    guidance = families.request_defaults(manifest)["guidance_scale"]
     prompt = judge.prompts[0][0] if judge else options.prompt
     step_counts = tuple(step_counts or (JUDGED_STEP_COUNTS if judge else STEP_COUNTS))
     base_config = pipe.scheduler.config

@@ -11,7 +11,8 @@ from typing import Any
 from runtime.errors import ArtifactError
 
 # family name → the module defining FAMILY (a RuntimeFamily)
-FAMILY_MODULES: dict[str, str] = {"sd": "runtime.families.sd", "lcm": "runtime.families.lcm"}
+FAMILY_MODULES: dict[str, str] = {"sd": "runtime.families.sd", "lcm": "runtime.families.lcm",
+                                   "sdxl": "runtime.families.sdxl"}
 _REGISTERED: dict[str, RuntimeFamily] = {}
 
 
@@ -66,3 +67,23 @@ def get(name: str) -> RuntimeFamily:
 
     with quiet("transformers"):  # diffusers' import makes transformers warn about image processors kiln never uses
         return importlib.import_module(FAMILY_MODULES[name]).FAMILY
+
+
+def request_defaults(manifest) -> dict[str, Any]:
+    """Steps and guidance for a request that leaves them out: what the artifact's profile
+    recommends ([generation], e.g. SDXL Turbo's 1 step at guidance 0), else the family's."""
+    defaults = dict(get(manifest.family).request_defaults)
+    recommended = generation(manifest)
+    for key in ("steps", "guidance_scale"):
+        if recommended.get(key) is not None:
+            defaults[key] = recommended[key]
+    if recommended.get("guidance") is False:  # a UNet built for guidance off refuses more than 1
+        defaults["guidance_scale"] = min(defaults["guidance_scale"], 1.0)
+    return defaults
+
+
+def generation(manifest) -> dict[str, Any]:
+    """The [generation] table the artifact's profile recorded ({} for artifacts made before it)."""
+    value = manifest.profile.get("generation") if isinstance(manifest.profile, Mapping) else None
+    return dict(value) if isinstance(value, Mapping) else {}
+

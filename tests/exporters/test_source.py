@@ -86,12 +86,13 @@ def test_folder_without_model_index(tmp_path):
 
 
 def test_unsupported_pipeline_class(tmp_path):
-    folder = shutil.copytree(ensure_builtin("tiny"), tmp_path / "sdxl")
+    folder = shutil.copytree(ensure_builtin("tiny"), tmp_path / "sd3")
     index = json.loads((folder / "model_index.json").read_text())
-    index["_class_name"] = "StableDiffusionXLPipeline"
+    index["_class_name"] = "StableDiffusion3Pipeline"
     (folder / "model_index.json").write_text(json.dumps(index))
-    with pytest.raises(ModelSourceError, match=r"StableDiffusionXLPipeline, which kiln does not support yet. "
-                                               r"Supported pipeline classes: StableDiffusionPipeline"):
+    with pytest.raises(ModelSourceError, match=r"StableDiffusion3Pipeline, which kiln does not support yet. "
+                                               r"Supported pipeline classes: StableDiffusionPipeline, .*"
+                                               r"StableDiffusionXLPipeline, StableDiffusionXLImg2ImgPipeline"):
         resolve_model(str(folder))
 
 

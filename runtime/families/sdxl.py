@@ -1,0 +1,72 @@
+"""SDXL (and SDXL Turbo) on the runtime side: StableDiffusionXL{,Img2Img}Pipeline subclasses whose
+two text encoders, UNet and VAE are engines. The text encoder engines return the penultimate
+layer's hidden states (and the second its pooled projection), which is what SDXL's encode_prompt
+reads; the UNet's added conditions (text_embeds, time_ids) are engine inputs like any other."""
+from __future__ import annotations
+
+from typing import Any
+
+from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+
+from runtime.assets import load_scheduler, load_tokenizer
+from runtime.families import RuntimeFamily
+from runtime.families.sd import EngineImg2ImgPipeline, EnginePipeline
+from runtime.guards import EngineBacked
+from runtime.manifest import Manifest
+from runtime.requests import checked
+from runtime.shims import HiddenStatesShim, UNetShim, VaeShim
+
+TEXT = ("text_encoder", "text_encoder_2", "unet", "vae_decoder")
+TASKS = {"text2img": TEXT, "img2img": (*TEXT, "vae_encoder")}
+ASSETS = ("tokenizer", "tokenizer_2", "scheduler")
+PIPELINE_OPTIONS = {"text2img": ("force_zeros_for_empty_prompt",),
+                    "img2img": ("force_zeros_for_empty_prompt", "requires_aesthetics_score")}
+
+
+class EngineXLPipeline(EngineBacked, StableDiffusionXLPipeline):
+    """StableDiffusionXLPipeline whose text encoders, UNet and VAE are engines."""
+
+    manifest: Manifest
+    request_size = EnginePipeline.request_size
+    __call__ = checked(StableDiffusionXLPipeline.__call__)
+
+
+class EngineXLImg2ImgPipeline(EngineBacked, StableDiffusionXLImg2ImgPipeline):
+    """StableDiffusionXLImg2ImgPipeline whose models are engines; the image sets the size."""
+
+    manifest: Manifest
+    request_size = EngineImg2ImgPipeline.request_size
+    __call__ = checked(StableDiffusionXLImg2ImgPipeline.__call__)
+
+
+PIPELINES = {"text2img": EngineXLPipeline, "img2img": EngineXLImg2ImgPipeline}
+
+
+def assemble(task: str, manifest: Manifest, engines: dict[str, Any]):
+    device = next(iter(engines.values())).device
+    comps = manifest.components
+    recorded = manifest.model.get("pipeline_config") or {}
+    options = {k: recorded[k] for k in PIPELINE_OPTIONS[task] if k in recorded}
+    pipe = PIPELINES[task](
+        vae=VaeShim(engines["vae_decoder"], engines.get("vae_encoder"), comps["vae_decoder"].config, device),
+        text_encoder=HiddenStatesShim(engines["text_encoder"], comps["text_encoder"].config, device),
+        text_encoder_2=HiddenStatesShim(engines["text_encoder_2"], comps["text_encoder_2"].config, device),
+        tokenizer=load_tokenizer(manifest.folder / "tokenizer"),
+        tokenizer_2=load_tokenizer(manifest.folder / "tokenizer_2"),
+        unet=UNetShim(engines["unet"], comps["unet"].config, device),
+        scheduler=load_scheduler(manifest.folder / "scheduler"),
+        add_watermarker=False,
+        **options,
+    )
+    pipe.manifest = manifest
+    pipe.set_progress_bar_config(disable=None)
+    return pipe
+
+
+FAMILY = RuntimeFamily(
+    name="sdxl",
+    tasks=TASKS,
+    assemble=assemble,
+    assets=ASSETS,
+    request_defaults={"steps": 20, "guidance_scale": 5.0},  # diffusers' SDXL guidance default
+)
