@@ -35,7 +35,7 @@ def _gpu_unavailable() -> str | None:
 
 # fixtures that export or build a model; the second group takes minutes rather than seconds
 MODEL_FIXTURES = {"tiny_export", "tiny_artifact", "tiny_fp16_export", "tiny_fp16_artifact", "digits_artifact",
-                  "digits_lcm_artifact"}
+                  "digits_lcm_artifact", "tiny_sdxl_artifact", "tiny_sdxl_turbo_artifact", "lora_artifacts"}
 SLOW_FIXTURES = {"sd15_artifact", "artifacts", "tiny_int8_export"}
 
 
@@ -111,6 +111,45 @@ def digits_lcm_artifact(tmp_path_factory) -> Path:
 
 
 PIPELINE = ("text_encoder", "unet", "vae_decoder")  # what text-to-image needs; skips the VAE encoder's export
+XL_PIPELINE = ("text_encoder", "text_encoder_2", "unet", "vae_decoder")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_artifact(tmp_path_factory) -> Path:
+    """`kiln build tiny-sdxl`: the SDXL-shaped model, every component (img2img too)."""
+    from engines.build import build_from_model
+
+    return build_from_model("tiny-sdxl", tmp_path_factory.mktemp("artifacts") / "tiny-sdxl", cpu_build_options()).folder
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_turbo_artifact(tmp_path_factory) -> Path:
+    """`kiln build tiny-sdxl-turbo`: text-to-image engines, the UNet built for guidance off."""
+    from engines.build import build_from_model
+    from exporters.export import ExportOptions
+
+    options = ExportOptions(components=XL_PIPELINE, check_points=("opt",))
+    return build_from_model("tiny-sdxl-turbo", tmp_path_factory.mktemp("artifacts") / "tiny-sdxl-turbo",
+                            cpu_build_options(), export_options=options).folder
+
+
+@pytest.fixture(scope="session")
+def lora_artifacts(tmp_path_factory) -> dict:
+    """Per model (tiny-sd15, tiny-sdxl): a seeded random LoRA (tests/loras.py) and text-to-image
+    engines built with it fused at scale 0.8 (`kiln build MODEL --lora FILE:0.8`)."""
+    from engines.build import build_from_model
+    from exporters.builtin import ensure_builtin
+    from exporters.export import ExportOptions
+    from tests.loras import make_lora
+
+    out = {}
+    for model, components in (("tiny-sd15", PIPELINE), ("tiny-sdxl", XL_PIPELINE)):
+        lora = make_lora(ensure_builtin(model), tmp_path_factory.mktemp("lora") / model, seed=5)
+        options = ExportOptions(components=components, check_points=("opt",), loras=((str(lora), 0.8),))
+        folder = build_from_model(model, tmp_path_factory.mktemp("artifacts") / f"{model}-lora", cpu_build_options(),
+                                  export_options=options).folder
+        out[model] = {"lora": lora, "artifact": folder}
+    return out
 
 
 @pytest.fixture(scope="session")

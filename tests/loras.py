@@ -9,7 +9,7 @@ UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
 
-def make_lora(model_folder: Path, out: Path, seed: int, rank: int = 4, strength: float = 0.5) -> Path:
+def make_lora(model_folder: Path, out: Path, seed: int, rank: int = 4, strength: float = 2.0) -> Path:
     """A random LoRA for the pipeline in `model_folder` (its UNet and every text encoder), written
     to `out`/pytorch_lora_weights.safetensors. `strength` scales the B matrices: how far the LoRA
     moves the model."""
