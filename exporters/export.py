@@ -9,14 +9,12 @@ built from it without torch. Layout:
 """
 from __future__ import annotations
 
-import contextlib
+import functools
 import hashlib
 import json
 import logging
 import shutil
-import sys
 import time
-import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -26,19 +24,21 @@ from exporters.check import POINTS, check_against_torch, parity_table
 from exporters.dims import ModelDims
 from exporters.lora import fuse_loras, resolve_loras
 from exporters.lowering import FP32_DIR, lower_precision, pipeline_quality
-from exporters.onnx_io import EXTERNAL_DATA_THRESHOLD, save_onnx
+from exporters.onnx_io import EXTERNAL_DATA_THRESHOLD
 from exporters.passes import PassContext, run_passes
 from exporters.profile import Profile, bind_family
 from exporters.source import ModelSource
-from exporters.specs import ComponentSpec, dynamic_axes, sample_inputs, tensor_ranges
+from exporters.specs import tensor_ranges
+from exporters.trace import onnx_from_torch
+from exporters.weights import save_graph
 from runtime.errors import ExportError
 from runtime.files import atomic_folder, folder_checksums, refuse_foreign
-from runtime.quiet import heartbeat, quiet
 from runtime.version import __version__
 
 log = logging.getLogger(__name__)
 
 EXPORT_FORMAT = 1
+TRACE_DIR = ".trace"  # torch.onnx's output, read from while a component's graph is written
 EXPORT_FILE = "export.json"
 
 
@@ -154,15 +154,21 @@ def export_model(source: ModelSource, profile: Profile, out_dir: Path, options: 
             started = time.perf_counter()
             log.info("[%d/%d] %s: exporting with torch.onnx (%s)", i, len(names), name, options.exporter)
             ranges = tensor_ranges(spec, profile, dims)
-            module = spec.wrap(pipe)
+            module, config = spec.wrap(pipe), spec.config_of(pipe)
             onnx_path = tmp / name / "model.onnx"
             onnx_path.parent.mkdir()
-            model = onnx_from_torch(spec, module, ranges, options, workdir=tmp)
+            traced = tmp / TRACE_DIR / name
+            model = onnx_from_torch(spec, module, ranges, options, workdir=tmp, out_dir=traced)
             model = run_passes(model, PassContext(name, workdir=tmp))
-            save_onnx(model, onnx_path, options.external_data_threshold)
+            save_graph(model, onnx_path, traced, options.external_data_threshold)
             del model
+            shutil.rmtree(traced)
             log.info("[%d/%d] %s: checking against PyTorch at %s", i, len(names), name, "/".join(options.check_points))
-            rows, reference = check_against_torch(spec, module, onnx_path, ranges, options.seed, options.check_points)
+            last_use = all(specs[later].module != spec.module for later in names[i:])
+            rows, reference = check_against_torch(spec, module, onnx_path, ranges, options.seed, options.check_points,
+                                                  release=functools.partial(_release, pipe, spec.module, module)
+                                                  if last_use else None)
+            del module
             _save_reference(tmp / "reference" / f"{name}.npz", reference)
             seconds = time.perf_counter() - started
             log.info("[%d/%d] %s: done in %.1f s, max |err| %.3g", i, len(names), name, seconds,
@@ -179,7 +185,7 @@ def export_model(source: ModelSource, profile: Profile, out_dir: Path, options: 
                 "files": folder_checksums(tmp / name),
                 "inputs": [_tensor_entry(t, ranges) for t in spec.inputs],
                 "outputs": [_tensor_entry(t, ranges) for t in spec.outputs],
-                "config": spec.config_of(pipe),
+                "config": config,
                 "precision": precision,
                 **lowered,
                 "tolerance": {"atol": spec.atol, "rtol": spec.rtol},
@@ -207,6 +213,7 @@ def export_model(source: ModelSource, profile: Profile, out_dir: Path, options: 
         if any(c["precision"] != "fp32" for c in components.values()) and set(needed) <= set(components):
             manifest["quality"] = pipeline_quality(tmp, manifest, profile, task)
         shutil.rmtree(tmp / FP32_DIR, ignore_errors=True)
+        shutil.rmtree(tmp / TRACE_DIR, ignore_errors=True)
         manifest["files"] = {f"{sub}/{rel}": sha for sub in (*family.assets, "reference")
                              for rel, sha in folder_checksums(tmp / sub).items()}
         (tmp / EXPORT_FILE).write_text(json.dumps(manifest, indent=2, default=_json_default), encoding="utf-8")
@@ -243,46 +250,15 @@ def _calibration_prompts(source: ModelSource, profile: Profile, options: ExportO
     return calibration_prompts(profile, source.source.startswith("builtin:"), options.calibration_prompts)
 
 
-def onnx_from_torch(spec: ComponentSpec, module, ranges: dict[str, dict[str, list[int]]], options: ExportOptions,
-                    workdir: Path | None = None):
-    """Trace `module` at the opt shapes with named dynamic axes; return the onnx.ModelProto. The
-    exporter's files go to a temporary folder in `workdir` (beside the output), not the system's."""
-    import tempfile
+def _release(pipe, attr: str, wrapper) -> None:
+    """Drop the pipeline's `attr` module, and the tracing wrapper's hold on it, once no later
+    component is traced from it: its weights are freed before ONNX Runtime loads the graph's."""
+    import gc
 
-    import onnx
-    import torch
-
-    sample = sample_inputs(spec, {t.name: ranges[t.name]["opt"] for t in spec.inputs}, options.seed)
-    args = tuple(torch.from_numpy(sample[t.name]) for t in spec.inputs)
-    kwargs: dict[str, Any] = dict(
-        input_names=[t.name for t in spec.inputs],
-        output_names=[t.name for t in spec.outputs],
-        dynamic_axes=dynamic_axes(spec),
-    )
-    if options.exporter == "dynamo":
-        kwargs.update(dynamo=True, optimize=True, verbose=False)
-    else:
-        kwargs.update(dynamo=False, do_constant_folding=True)
-    opset = options.opset or (None if options.exporter == "dynamo" else 17)
-    if opset is not None:
-        kwargs["opset_version"] = opset
-    # torch.onnx prints its progress to stdout; send it to stderr so stdout stays clean for --json.
-    with tempfile.TemporaryDirectory(dir=workdir) as tmp, warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr):
-        warnings.simplefilter("ignore")
-        path = Path(tmp) / "model.onnx"
-        system_tmp, tempfile.tempdir = tempfile.tempdir, tmp  # torch.onnx and onnxscript's own files go here too
-        try:
-            # torch.onnx warns that torchvision ops cannot be registered (kiln traces none of them)
-            with torch.no_grad(), quiet("torch.onnx", "onnxscript"), heartbeat(log, f"exporting {spec.name}"):
-                torch.onnx.export(module.eval(), args, str(path), **kwargs)
-        except Exception as exc:  # torch.onnx raises many types; report them as one
-            raise ExportError(
-                f"{spec.name}: torch.onnx.export ({options.exporter}) failed: {type(exc).__name__}: {exc}. "
-                f"Try --exporter {'torchscript' if options.exporter == 'dynamo' else 'dynamo'}"
-            ) from exc
-        finally:
-            tempfile.tempdir = system_tmp
-        return onnx.load(str(path))
+    for child, _ in list(wrapper.named_children()):
+        setattr(wrapper, child, None)
+    setattr(pipe, attr, None)
+    gc.collect()
 
 
 def read_export(folder: Path) -> dict[str, Any]:

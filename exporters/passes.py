@@ -93,14 +93,19 @@ def matches_module(node_name: str, patterns) -> bool:
 
 
 def run_passes(model, ctx: PassContext, passes: list[Callable] = DEFAULT_PASSES):
-    """onnx.ModelProto -> onnx.ModelProto through `passes`."""
+    """onnx.ModelProto -> onnx.ModelProto through `passes`. Weights left on disk (external data
+    not loaded, exporters/weights.py) are graph inputs while the passes run, and stay on disk."""
     import onnx_graphsurgeon as gs
 
+    from exporters.weights import attach_weights, detach_weights
+
+    weights = detach_weights(model)
     model = name_nodes_by_module(model, ctx)
     graph = gs.import_onnx(model)
     for p in passes:
         graph = p(graph, ctx)
     out = gs.export_onnx(graph)
     out.ir_version = model.ir_version
+    attach_weights(out, weights)
     return out
 

@@ -8,8 +8,13 @@ import logging
 import numpy as np
 import pytest
 import torch
-from diffusers import (DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler,
-                       StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline)
+from diffusers import (
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    StableDiffusionXLImg2ImgPipeline,
+    StableDiffusionXLPipeline,
+)
 from PIL import Image
 
 from exporters.builtin import ensure_builtin
@@ -64,9 +69,9 @@ def test_sdxl_img2img_matches_diffusers(tiny_sdxl_artifact):
     reference = _reference(StableDiffusionXLImg2ImgPipeline, "tiny-sdxl")
     assert isinstance(engine, StableDiffusionXLImg2ImgPipeline)
     pixels = np.random.default_rng(0).integers(0, 256, size=(96, 160, 3), dtype=np.uint8)
-    kwargs = dict(prompt=["an oil painting of a harbour", "a castle"], prompt_2=["at night", "in fog"], image=Image.fromarray(pixels),
-                  strength=0.6, num_inference_steps=10, guidance_scale=5.0, num_images_per_prompt=2,
-                  negative_original_size=(256, 256), denoising_end=0.9, output_type="np")
+    kwargs = dict(prompt=["an oil painting of a harbour", "a castle"], prompt_2=["at night", "in fog"],
+                  image=Image.fromarray(pixels), strength=0.6, num_inference_steps=10, guidance_scale=5.0,
+                  num_images_per_prompt=2, negative_original_size=(256, 256), denoising_end=0.9, output_type="np")
     got = engine(generator=torch.Generator().manual_seed(11), **kwargs).images
     want = reference(generator=torch.Generator().manual_seed(11), **kwargs).images
     assert got.shape == want.shape == (4, 96, 160, 3)

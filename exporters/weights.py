@@ -1,0 +1,152 @@
+"""Graph weights kept out of memory while an export runs.
+
+torch.onnx writes a traced graph with its weights as external data; kiln reads only the graph
+(`load_graph`), runs its passes on a weightless copy in which every large weight is a graph input
+of the same name, type and shape (`detached_weights`: folding and shape inference then see only
+the small constants they need), and writes the result with its weights copied from the traced
+file one tensor at a time (`save_graph`). No step holds the weights in memory, so an export's
+peak is the PyTorch module plus what ONNX Runtime needs to check it, not several copies of both."""
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+SMALL_TENSOR = 64 * 1024  # external tensors below this are read into the graph (shape constants, biases)
+INLINE_LIMIT = 1024  # when weights go to a .data file, tensors below this stay inline (as onnx.save does)
+
+
+def _external(tensor) -> bool:
+    import onnx
+
+    return tensor.data_location == onnx.TensorProto.EXTERNAL
+
+
+def _info(tensor) -> dict[str, str]:
+    return {e.key: e.value for e in tensor.external_data}
+
+
+def load_graph(path: Path):
+    """The graph at `path`, its large external weights left on disk (read small ones in)."""
+    import onnx
+    from onnx.external_data_helper import load_external_data_for_tensor
+
+    model = onnx.load(str(path), load_external_data=False)
+    for tensor in model.graph.initializer:
+        if _external(tensor) and int(_info(tensor).get("length", SMALL_TENSOR)) < SMALL_TENSOR:
+            load_external_data_for_tensor(tensor, str(Path(path).parent))
+            tensor.data_location = onnx.TensorProto.DEFAULT
+            del tensor.external_data[:]
+    return model
+
+
+def detach_weights(model) -> dict:
+    """Turn the external weights of `model` into graph inputs of their name, type and shape (in
+    place, for passes that need no weight values); returns them by name for `attach_weights`."""
+    import onnx
+
+    weights = {t.name: t for t in model.graph.initializer if _external(t)}
+    if weights:
+        kept = [t for t in model.graph.initializer if not _external(t)]
+        del model.graph.initializer[:]
+        model.graph.initializer.extend(kept)
+        model.graph.input.extend(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+                                 for t in weights.values())
+    return weights
+
+
+def attach_weights(model, weights: dict) -> None:
+    """Undo `detach_weights` on the graph the passes returned: the weight inputs go, and the
+    weights still read by a node or given as graph outputs come back as initializers."""
+    if not weights:
+        return
+    inputs = [i for i in model.graph.input if i.name not in weights]
+    del model.graph.input[:]
+    model.graph.input.extend(inputs)
+    used = {i for n in _all_nodes(model.graph) for i in n.input} | {o.name for o in model.graph.output}
+    model.graph.initializer.extend(t for name, t in weights.items() if name in used)
+    log.debug("%d external weights re-attached, %d no longer used", sum(1 for n in weights if n in used),
+              sum(1 for n in weights if n not in used))
+
+
+def _all_nodes(graph):
+    """Every node, also those of If/Loop subgraphs (which may read outer weights)."""
+    for node in graph.node:
+        yield node
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                yield from _all_nodes(sub)
+
+
+def weight_bytes(model) -> int:
+    """Bytes of every initializer, whether its data is in the graph or external."""
+    return sum(int(_info(t).get("length", 0)) if _external(t) else len(t.raw_data) for t in model.graph.initializer)
+
+
+def save_graph(model, path: Path, source_dir: Path | None, external_data_threshold: int) -> None:
+    """Save `model` at `path`. Its external weights are read from `source_dir` (where their
+    locations are relative to); they go to `<name>.data`, copied one tensor at a time, when all
+    weights exceed the threshold, else into the graph itself (small models: one file)."""
+    import onnx
+
+    path = Path(path)
+    external = [t for t in model.graph.initializer if _external(t)]
+    if weight_bytes(model) <= external_data_threshold:
+        from onnx.external_data_helper import load_external_data_for_tensor
+
+        for tensor in external:
+            load_external_data_for_tensor(tensor, str(source_dir))
+            tensor.data_location = onnx.TensorProto.DEFAULT
+            del tensor.external_data[:]
+        onnx.save_model(model, str(path))
+        return
+    data_name = f"{path.name}.data"
+    offset = 0
+    with open(path.parent / data_name, "wb") as data:
+        handles: dict[str, object] = {}
+        try:
+            for tensor in model.graph.initializer:
+                if _external(tensor):
+                    info = _info(tensor)
+                    location = info["location"]
+                    if location not in handles:
+                        handles[location] = open(Path(source_dir) / location, "rb")  # noqa: SIM115 (closed below)
+                    src = handles[location]
+                    src.seek(int(info.get("offset", 0)))
+                    length = int(info["length"])
+                    _copy(src, data, length)
+                elif len(tensor.raw_data) >= INLINE_LIMIT:
+                    length = len(tensor.raw_data)
+                    data.write(tensor.raw_data)
+                    tensor.ClearField("raw_data")
+                    tensor.data_location = onnx.TensorProto.EXTERNAL
+                else:
+                    continue
+                del tensor.external_data[:]
+                for key, value in (("location", data_name), ("offset", str(offset)), ("length", str(length))):
+                    entry = tensor.external_data.add()
+                    entry.key, entry.value = key, value
+                offset += length
+                pad = -offset % 4096  # page-aligned tensors: ONNX Runtime and TensorRT can map them
+                data.write(b"\0" * pad)
+                offset += pad
+        finally:
+            for handle in handles.values():
+                handle.close()
+    onnx.save_model(model, str(path))
+
+
+def _copy(src, dst, length: int, chunk: int = 64 * 2**20) -> None:
+    left = length
+    while left:
+        block = src.read(min(chunk, left))
+        if not block:
+            raise OSError(f"external weights end {left} bytes early")
+        dst.write(block)
+        left -= len(block)
+
+
+def discard(folder: Path) -> None:
+    shutil.rmtree(folder, ignore_errors=True)
