@@ -142,7 +142,7 @@ def inspect(folder: Path, as_json: bool):
 
 def _generation_rows(g: dict) -> list[tuple[str, str]]:
     """What the profile recommends, where it says anything."""
-    said = [f"{g['steps']} steps" if g.get("steps") else "", f"guidance {g['guidance_scale']:g}"
+    said = [plural(g["steps"], "step") if g.get("steps") else "", f"guidance {g['guidance_scale']:g}"
             if g.get("guidance_scale") is not None else "", f"warn above guidance {g['max_guidance_scale']:g}"
             if g.get("max_guidance_scale") is not None else "", "UNet built for guidance off"
             if g.get("guidance") is False else "", f"scheduler {g['scheduler']}" if g.get("scheduler") else ""]

@@ -148,7 +148,8 @@ def _check_generate(prompt: str, init_image, strength, height, width, output: Pa
 @click.option("--batch", "batches", default=None, type=CommaList(click.IntRange(min=1)),
               help="Batch sizes, comma-separated (e.g. 1,2,4; default 1); with --unet-step the UNet's own batch "
                    "(default 2: one image under guidance).")
-@click.option("--steps", default=20, show_default=True, type=click.IntRange(1, 1000))
+@click.option("--steps", default=None, type=click.IntRange(1, 1000),
+              help="Default: what the artifact recommends, else its family's (SD: 20, LCM: 4, SDXL Turbo: 1).")
 @click.option("--runs", default=None, type=click.IntRange(1, 1000),
               help="Timed runs per pipeline and batch (default 3; 30 with --unet-step).")
 @click.option("--height", default=None, type=int, help="Pixels; default: the profile's opt.")

@@ -14,10 +14,17 @@ MAX_SEED = 2**63 - 1
 def image_request_model(manifest):
     """The pydantic model of POST /v1/images for the engines `manifest` describes. Unknown fields,
     NaN and infinities are refused; None leaves a field to the artifact (see ImageRequest)."""
-    from pydantic import BaseModel, ConfigDict, Field, field_validator
+    from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
+
+    from runtime import families
 
     (h_lo, _, h_hi), (w_lo, _, w_hi) = manifest.shape_range("height"), manifest.shape_range("width")
     multiple = manifest.size_multiple
+    size = tuple[int, int]
+    family_fields = {"prompt_2": (str | None, Field(default=None, min_length=1, max_length=MAX_PROMPT_CHARS)),
+                     "negative_prompt_2": (str | None, Field(default=None, max_length=MAX_PROMPT_CHARS)),
+                     "original_size": (size | None, None), "crops_coords_top_left": (size | None, None),
+                     "target_size": (size | None, None)}
 
     class ImageBody(BaseModel):
         model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
@@ -39,10 +46,22 @@ def image_request_model(manifest):
                                  f"{lo}..{hi}, a multiple of {multiple}")
             return value
 
+        @field_validator("*", mode="after")
+        @classmethod
+        def _sizes(cls, value, info):
+            if info.field_name in ("original_size", "target_size") and value is not None and min(value) < 1:
+                raise ValueError(f"{info.field_name} is (height, width) in pixels, both >= 1")
+            if info.field_name == "crops_coords_top_left" and value is not None and min(value) < 0:
+                raise ValueError("crops_coords_top_left is (top, left) in pixels, both >= 0")
+            return value
+
         def to_request(self) -> ImageRequest:
             return ImageRequest(**self.model_dump())
 
-    return ImageBody
+    # the fields the artifact's family takes beyond SD's (SDXL: prompt_2, the size conditions): the
+    # others stay unknown, so that a body naming them is refused like any unknown field
+    taken = {k: v for k, v in family_fields.items() if k in families.get(manifest.family).request_fields}
+    return create_model(f"ImageBody_{manifest.family}", __base__=ImageBody, **taken) if taken else ImageBody
 
 
 def validation_errors(exc) -> list[dict]:

@@ -28,7 +28,9 @@ log = logging.getLogger(__name__)
 
 __all__ = ["Batcher", "BatcherStats", "ImageRequest", "QueueFullError", "generate_images", "normalize_request",
            "split_groups"]
-PER_REQUEST = ("prompt", "negative_prompt", "seed")  # what may differ inside one engine call
+PER_REQUEST = ("prompt", "negative_prompt", "prompt_2", "negative_prompt_2", "seed")  # may differ inside one call
+# fields only some families take (RuntimeFamily.request_fields); None: not given
+FAMILY_FIELDS = ("prompt_2", "negative_prompt_2", "original_size", "crops_coords_top_left", "target_size")
 _COUNTING_TOKENIZERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -45,6 +47,13 @@ class ImageRequest:
     guidance_scale: float | None = None
     seed: int = 0
     scheduler: str | None = None
+    # SDXL: the second text encoder's prompts (default: prompt, negative_prompt) and the size
+    # conditions, (height, width) in pixels (default: the image size, and no crop)
+    prompt_2: str | None = None
+    negative_prompt_2: str | None = None
+    original_size: tuple[int, int] | None = None
+    crops_coords_top_left: tuple[int, int] | None = None
+    target_size: tuple[int, int] | None = None
 
     def group_key(self) -> tuple:
         """Requests with equal keys can share one engine call: every field but the per-request ones."""
@@ -279,24 +288,29 @@ def normalize_request(pipe, request: ImageRequest, truncate_prompts: bool = Fals
     if request.negative_prompt and not family.negative_prompt:
         raise RequestError(f"this model ({pipe.manifest.family}) takes no negative prompt; leave it out",
                            field="negative_prompt")
+    for name in FAMILY_FIELDS:
+        if getattr(request, name) is not None and name not in family.request_fields:
+            raise RequestError(f"this model ({pipe.manifest.family}) takes no {name}; leave it out"
+                               + (f" (it takes {', '.join(family.request_fields)})" if family.request_fields else ""),
+                               field=name)
     if request.steps < 1:
         raise RequestError(f"steps must be >= 1, got {request.steps}", field="steps")
     if request.scheduler:
         scheduler_from_name(request.scheduler, pipe.scheduler.config, family.schedulers)  # raises for an unknown name
     if not truncate_prompts:
-        for name in ("prompt", "negative_prompt"):
-            check_prompt_length(counting_tokenizer(pipe), getattr(request, name), name)
+        for name in ("prompt", "negative_prompt", "prompt_2", "negative_prompt_2"):
+            check_prompt_length(counting_tokenizer(pipe, name.endswith("_2")), getattr(request, name), name)
     return request
 
 
-def counting_tokenizer(pipe):
+def counting_tokenizer(pipe, second: bool = False):
     """A copy of the pipeline's tokenizer for counting prompts while the engine thread encodes them:
     a tokenizer keeps its truncation and padding settings on the object, so two threads calling one
     tokenizer corrupt each other's calls (seen in the soak test: unpadded input_ids in a batch)."""
-    tokenizer = _COUNTING_TOKENIZERS.get(pipe)
-    if tokenizer is None:
-        tokenizer = _COUNTING_TOKENIZERS[pipe] = copy.deepcopy(pipe.tokenizer)
-    return tokenizer
+    copies = _COUNTING_TOKENIZERS.setdefault(pipe, {})
+    if second not in copies:
+        copies[second] = copy.deepcopy(pipe.tokenizer_2 if second else pipe.tokenizer)
+    return copies[second]
 
 
 def check_prompt_length(tokenizer, text: str | None, field_name: str = "prompt") -> None:
@@ -327,9 +341,18 @@ def generate_images(pipe, requests: list[ImageRequest], base_scheduler_config):
     # None is the artifact's own scheduler, whatever an earlier batch switched to
     pipe.scheduler = scheduler_from_name(r0.scheduler or base_scheduler_config["_class_name"], base_scheduler_config)
     negative = [r.negative_prompt or "" for r in requests]
+    extra = {}
+    if any(r.prompt_2 is not None for r in requests):  # diffusers' default for each: its own prompt
+        extra["prompt_2"] = [r.prompt if r.prompt_2 is None else r.prompt_2 for r in requests]
+    if any(r.negative_prompt_2 is not None for r in requests):
+        extra["negative_prompt_2"] = [n if r.negative_prompt_2 is None else r.negative_prompt_2
+                                      for r, n in zip(requests, negative)]
+    for name in ("original_size", "crops_coords_top_left", "target_size"):
+        if getattr(r0, name) is not None:
+            extra[name] = tuple(getattr(r0, name))
     return pipe(
         prompt=[r.prompt for r in requests],
-        negative_prompt=negative if any(negative) else None,
+        negative_prompt=negative if any(negative) or "negative_prompt_2" in extra else None,
         height=r0.height, width=r0.width, num_inference_steps=r0.steps, guidance_scale=r0.guidance_scale,
-        generator=[torch.Generator("cpu").manual_seed(r.seed) for r in requests],
+        generator=[torch.Generator("cpu").manual_seed(r.seed) for r in requests], **extra,
     ).images

@@ -15,14 +15,17 @@ def synchronize(device) -> None:
 
 
 class StageTimer:
-    """Times the text encoder, UNet and VAE decoder of a pipeline while it runs: hooks on the
+    """Times the text encoders, UNet and VAE decoder of a pipeline while it runs: hooks on the
     modules' forward, and a wrapper around vae.decode (diffusers calls decode, not forward)."""
 
     def __init__(self, pipe, device):
         self.device = device
-        self.times: dict[str, list[float]] = {"text_encoder": [], "unet": [], "vae_decode": []}
+        # every text encoder the pipeline has (SDXL: two), each its own stage
+        self.text_encoders = tuple(n for n in ("text_encoder", "text_encoder_2") if getattr(pipe, n, None) is not None)
+        self.times: dict[str, list[float]] = {**{n: [] for n in self.text_encoders}, "unet": [], "vae_decode": []}
         self._start: dict[str, float] = {}
-        for name, module in (("text_encoder", pipe.text_encoder), ("unet", pipe.unet)):
+        for name in (*self.text_encoders, "unet"):
+            module = getattr(pipe, name)
             module.register_forward_pre_hook(lambda m, a, n=name: self._begin(n))
             module.register_forward_hook(lambda m, a, o, n=name: self._end(n))
         decode = pipe.vae.decode

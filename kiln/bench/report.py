@@ -18,8 +18,12 @@ def format_report(report: dict) -> str:
         k = entry["kiln"]
         b = entry.get(base) if base != "none" else None
         rows = []
-        for stage, label in (("text_encoder", "text encoder (per call of the pipeline)"), ("unet_step", "UNet, per step"),
-                             ("vae_decode", "VAE decode"), ("end_to_end", "end to end")):
+        texts = [s for s in k["latency_s"] if s.startswith("text_encoder")]
+        labels = {"text_encoder": "text encoder (per call of the pipeline)",
+                  "text_encoder_2": "text encoder 2 (per call of the pipeline)"}
+        stages = [(t, labels.get(t, t)) for t in texts] + [("unet_step", "UNet, per step"), ("vae_decode", "VAE decode"),
+                                                            ("end_to_end", "end to end")]
+        for stage, label in stages:
             rows.append((label, f"{k['latency_s'][stage] * 1000:.1f}",
                          f"{b['latency_s'][stage] * 1000:.1f}" if b else "-",
                          f"{entry['speedup'][stage]:.2f}x" if b and stage in entry["speedup"] else "-"))
@@ -80,7 +84,7 @@ def plot_report(report: dict, path: Path) -> None:
     plt = _pyplot()
     labels = ["kiln"] + ([report["baseline"]] if report["baseline"] != "none" else [])
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    stages = ["text_encoder", "unet_step", "vae_decode", "end_to_end"]
+    stages = list(report["batches"][0]["kiln"]["latency_s"])
     width = 0.8 / (len(labels) * len(report["batches"]))
     i = 0
     for entry in report["batches"]:
@@ -88,7 +92,9 @@ def plot_report(report: dict, path: Path) -> None:
             values = [entry[label]["latency_s"][s] * 1000 for s in stages]
             ax1.bar([x + i * width for x in range(len(stages))], values, width, label=f"{label}, batch {entry['batch']}")
             i += 1
-    ax1.set_xticks([x + 0.4 - width / 2 for x in range(len(stages))], ["text enc.", "UNet step", "VAE dec.", "end to end"])
+    names = {"text_encoder": "text enc.", "text_encoder_2": "text enc. 2", "unet_step": "UNet step",
+             "vae_decode": "VAE dec.", "end_to_end": "end to end"}
+    ax1.set_xticks([x + 0.4 - width / 2 for x in range(len(stages))], [names.get(s, s) for s in stages])
     ax1.set_yscale("log")
     ax1.set_ylabel("ms (median, log scale)")
     ax1.legend(fontsize=7)

@@ -12,11 +12,12 @@ from __future__ import annotations
 import logging
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from kiln.bench.measure import PeakMemory, StageTimer, matmul_peak_gflops, module_flops, synchronize
+from runtime import families
 from runtime.errors import KilnError, OptionsError, format_table
 from runtime.requests import check_request
 
@@ -34,11 +35,11 @@ class BenchError(OptionsError):
 class BenchOptions:
     baseline: str = "torch"
     batches: tuple[int, ...] = (1,)
-    steps: int = 20
+    steps: int | None = None  # default: what the artifact recommends, else its family's (runtime.families)
     runs: int = 3
     height: int | None = None  # default: the profile's opt
     width: int | None = None
-    guidance_scale: float = 7.5
+    guidance_scale: float | None = None  # default: as steps
     seed: int = 0
     prompt: str = "a photograph of an astronaut riding a horse"
 
@@ -48,7 +49,7 @@ class BenchOptions:
             problems.append(("baseline", self.baseline, ", ".join(BASELINES)))
         if not self.batches or any(b < 1 for b in self.batches):
             problems.append(("batch", ",".join(map(str, self.batches)), "positive integers, e.g. 1,2,4"))
-        if self.steps < 1:
+        if self.steps is not None and self.steps < 1:
             problems.append(("steps", self.steps, ">= 1"))
         if self.runs < 1:
             problems.append(("runs", self.runs, ">= 1"))
@@ -85,6 +86,7 @@ def _open(folder: Path, options: BenchOptions):
     torch_pipe = None
     if source is not None:
         torch_pipe = source.load_pipeline()
+        fuse_recorded_loras(torch_pipe, manifest)
         torch_pipe.set_progress_bar_config(disable=True)
         torch_pipe.to(device)
         torch_pipe.scheduler = type(engine.scheduler).from_config(engine.scheduler.config)
@@ -109,6 +111,22 @@ def _model_source(manifest):
             f"{model['weights_sha256'][:12]}…: a comparison would not be on the same weights. Rebuild the artifact"
         )
     return source
+
+
+def fuse_recorded_loras(torch_pipe, manifest) -> None:
+    """The baseline gets the LoRAs the engines were built with, at their scales (the same files:
+    a LoRA whose file changed since is refused)."""
+    recorded = manifest.model.get("loras") or []
+    if not recorded:
+        return
+    from exporters.lora import fuse_loras, resolve_loras
+
+    loras = resolve_loras(tuple((r["source"], r["scale"]) for r in recorded))
+    changed = [r["source"] for r, lora in zip(recorded, loras) if lora.sha256 != r["sha256"]]
+    if changed:
+        raise BenchError(f"LoRA {', '.join(changed)} changed since the artifact was built: a comparison would not be "
+                         "on the same weights. Rebuild the artifact")
+    fuse_loras(torch_pipe, loras)
 
 
 def denoiser_flops(source, torch_pipe, manifest, axes: dict[str, int]) -> int:
@@ -139,7 +157,7 @@ def _call(contender: _Contender, kwargs: dict, seed: int):
         seconds = time.perf_counter() - start
     t = contender.timer.times
     return images, {
-        "text_encoder": sum(t["text_encoder"]),
+        **{name: sum(t[name]) for name in contender.timer.text_encoders},
         "unet_step": statistics.mean(t["unet"]) if t["unet"] else 0.0,
         "unet_total": sum(t["unet"]),
         "unet_calls": len(t["unet"]),
@@ -149,12 +167,13 @@ def _call(contender: _Contender, kwargs: dict, seed: int):
 
 
 def _summary(runs: list[dict], batch: int, flops: int | None, memory: PeakMemory) -> dict:
-    med = {k: statistics.median(r[k] for r in runs) for k in ("text_encoder", "unet_step", "unet_total", "vae_decode",
+    texts = [k for k in runs[0] if k.startswith("text_encoder")]  # one stage per text encoder (SDXL: two)
+    med = {k: statistics.median(r[k] for r in runs) for k in (*texts, "unet_step", "unet_total", "vae_decode",
                                                                "end_to_end")}
     # per run: the stages are timed inside that run's call, so their sum never exceeds it
-    sums = [r["text_encoder"] + r["unet_total"] + r["vae_decode"] for r in runs]
+    sums = [sum(r[k] for k in texts) + r["unet_total"] + r["vae_decode"] for r in runs]
     return {
-        "latency_s": {k: med[k] for k in STAGES},
+        "latency_s": {k: med[k] for k in (*texts, *STAGES[1:])},
         "latency_per_image_s": med["end_to_end"] / batch,
         "throughput_images_per_s": batch / med["end_to_end"],
         "stage_sum_s": statistics.median(sums),
@@ -173,13 +192,16 @@ def run_bench(folder: Path, options: BenchOptions = BenchOptions()) -> dict:
 
     folder = Path(folder)
     manifest, engine, source, torch_pipe, device = _open(folder, options)
+    defaults = families.request_defaults(manifest)
+    options = replace(options, steps=defaults["steps"] if options.steps is None else options.steps,
+                      guidance_scale=defaults["guidance_scale"] if options.guidance_scale is None else options.guidance_scale)
     baseline = torch_pipe if options.baseline != "none" else None
     shapes = manifest.profile["shapes"]
     height, width = options.height or shapes["height"][1], options.width or shapes["width"][1]
     for batch in options.batches:
         check_request(manifest, height=height, width=width, batch=batch)
     factor = manifest.data["dims"]["vae_scale_factor"]
-    cfg = manifest.data["dims"].get("guidance_batch", 2) if options.guidance_scale > 1 else 1  # 1: an LCM
+    cfg = manifest.data["dims"].get("guidance_batch", 2) if options.guidance_scale > 1 else 1  # 1: LCM, Turbo
     flops = {b: None if source is None else denoiser_flops(
         source, torch_pipe, manifest, {"unet_batch": cfg * b, "batch": b, "latent_height": height // factor,
                                        "latent_width": width // factor}) for b in options.batches}
@@ -228,7 +250,7 @@ def run_bench(folder: Path, options: BenchOptions = BenchOptions()) -> dict:
         }
         if baseline is not None:
             ours, theirs = entry["kiln"]["latency_s"], entry[options.baseline]["latency_s"]
-            entry["speedup"] = {k: theirs[k] / ours[k] for k in STAGES if ours[k] > 0}
+            entry["speedup"] = {k: theirs[k] / ours[k] for k in ours if ours[k] > 0}
             entry["max_pixel_diff"] = float(np.abs(first["kiln"] - first[options.baseline]).max())
         report["batches"].append(entry)
     return report

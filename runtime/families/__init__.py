@@ -30,6 +30,8 @@ class RuntimeFamily:
     negative_prompt: whether its pipeline takes one (LCM's do not: no unconditional pass).
     schedulers: the scheduler classes its loop can run, where only some can (LCM's needs the
         denoised sample from step()); None: any that can drive the UNet (runtime/schedulers.py).
+    request_fields: the optional ImageRequest fields its pipeline takes beyond SD's (SDXL:
+        prompt_2, negative_prompt_2 and the size conditions); a request setting another is refused.
     """
 
     name: str
@@ -40,6 +42,7 @@ class RuntimeFamily:
     request_defaults: Mapping[str, Any] = field(default_factory=lambda: {"steps": 20, "guidance_scale": 7.5})
     negative_prompt: bool = True
     schedulers: tuple[str, ...] | None = None
+    request_fields: tuple[str, ...] = ()
 
     def components(self, task: str) -> tuple[str, ...]:
         if task not in self.tasks:

@@ -69,4 +69,5 @@ FAMILY = RuntimeFamily(
     assemble=assemble,
     assets=ASSETS,
     request_defaults={"steps": 20, "guidance_scale": 5.0},  # diffusers' SDXL guidance default
+    request_fields=("prompt_2", "negative_prompt_2", "original_size", "crops_coords_top_left", "target_size"),
 )

@@ -166,3 +166,20 @@ def test_builder_failures_are_build_errors(fake_tensorrt, tmp_path):
     with pytest.raises(BuildError, match="could not build an engine"):
         _build(fake_tensorrt, tmp_path)
     assert not (tmp_path / "unet.plan").exists()
+
+
+def test_sdxl_unet_profiles_carry_the_added_conditions(fake_tensorrt, tiny_sdxl_artifact, tiny_sdxl_turbo_artifact,
+                                                       tmp_path):
+    """SDXL's text_embeds and time_ids are optimization-profile inputs like any other: doubled for
+    guidance, not doubled in a UNet built for guidance off (Turbo); the builder sets every one."""
+    for folder, g in ((tiny_sdxl_artifact, 2), (tiny_sdxl_turbo_artifact, 1)):
+        inputs = json.loads((folder / "manifest.json").read_text())["components"]["unet"]["inputs"]
+        shapes = {name: (lo, opt, hi) for name, lo, opt, hi in profile_shapes(inputs)}
+        assert shapes["text_embeds"] == ((1, 40), (g, 40), (4 * g, 40))
+        assert shapes["time_ids"] == ((1, 6), (g, 6), (4 * g, 6))
+        assert shapes["encoder_hidden_states"] == ((1, 77, 80), (g, 77, 80), (4 * g, 77, 80))
+        fake_tensorrt.calls.clear()
+        engine_from_onnx(folder / "unet.onnx", tmp_path / f"unet-{g}.plan", inputs, TrtOptions(), BACKEND,
+                         cache_dir=tmp_path)
+        assert [c[1] for c in fake_tensorrt.calls if c[0] == "set_shape"] == [
+            "sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids"]
