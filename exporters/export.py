@@ -200,7 +200,7 @@ def export_model(source: ModelSource, profile: Profile, out_dir: Path, options: 
             "export_key": key,
             "model": {"source": source.source, "pipeline_class": source.pipeline_class, "family": family.name,
                       "weights_sha256": source.weights_sha256,
-                      **({"pipeline_config": config} if (config := family.pipeline_config(pipe)) else {}),
+                      **({"pipeline_config": config} if (config := family.pipeline_config(source.folder)) else {}),
                       **({"loras": [lora.to_dict() for lora in loras]} if loras else {})},
             "profile": profile.to_dict(),
             "dims": dims.to_dict(),

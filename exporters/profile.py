@@ -310,8 +310,9 @@ def default_profile(name: str, source: str, native_height: int, native_width: in
     """Shape ranges from the model's own config: opt native, min half, max double, batch 1-4."""
 
     def around(native: int) -> list[int]:
-        low = max(size_multiple, _round_to(native // 2, size_multiple))
-        return [low, native, _round_to(native * 2, size_multiple)]
+        opt = _round_to(native, size_multiple)  # a native size the UNet cannot take exactly: the nearest it can
+        low = min(opt, max(size_multiple, _round_to(native // 2, size_multiple)))
+        return [low, opt, max(opt, _round_to(native * 2, size_multiple))]
 
     data = {"shapes": {"batch": [1, 1, 4], "height": around(native_height), "width": around(native_width)}}
     return profile_from_dict(name, data, origin=f"default profile of {source}", source=source)

@@ -130,3 +130,31 @@ def test_clip_skip_is_refused_naming_the_layer_the_engines_have(tiny_sdxl_turbo_
     with pytest.raises(RequestError, match="hidden states of layer -2 only") as err:
         _engine(tiny_sdxl_turbo_artifact)("a fox", clip_skip=1, num_inference_steps=1, guidance_scale=0.0)
     assert err.value.field == "clip_skip"
+
+
+def test_service_requests_carry_prompt_2_and_the_size_conditions(tiny_sdxl_turbo_artifact, tiny_artifact):
+    """The HTTP/Ray body and the batcher take SDXL's fields for SDXL artifacts (one engine call for
+    the batch equals the direct pipeline call) and refuse them for a family that has none."""
+    from pydantic import ValidationError
+
+    from runtime.api import image_request_model
+    from runtime.batcher import ImageRequest, generate_images, normalize_request
+
+    pipe = _engine(tiny_sdxl_turbo_artifact)
+    body = image_request_model(pipe.manifest)(prompt="a fox", prompt_2="ink", original_size=[256, 256],
+                                              crops_coords_top_left=[8, 0], height=64, width=64)
+    first = body.to_request()
+    second = ImageRequest("a cat", height=64, width=64, original_size=(256, 256), crops_coords_top_left=(8, 0), seed=2)
+    images = generate_images(pipe, [first, second], dict(pipe.scheduler.config))
+    direct = pipe(prompt=["a fox", "a cat"], prompt_2=["ink", "a cat"], height=64, width=64, num_inference_steps=1,
+                  guidance_scale=0.0, original_size=(256, 256), crops_coords_top_left=(8, 0),
+                  generator=[torch.Generator().manual_seed(0), torch.Generator().manual_seed(2)]).images
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(images, direct))
+    with pytest.raises(ValidationError, match="original_size is \\(height, width\\) in pixels"):
+        image_request_model(pipe.manifest)(prompt="a", original_size=[0, 64])
+    sd = load_pipeline(tiny_artifact)
+    with pytest.raises(ValidationError, match="prompt_2"):
+        image_request_model(sd.manifest)(prompt="a", prompt_2="b")
+    with pytest.raises(RequestError, match=r"this model \(sd\) takes no prompt_2") as err:
+        normalize_request(sd, ImageRequest("a", prompt_2="b"))
+    assert err.value.field == "prompt_2"

@@ -40,8 +40,8 @@ class Family:
     assets: folders saved beside the graphs for the runtime (tokenizers, scheduler), from the pipeline.
     keep_fp32: model folder → the components its own configs say must not run in fp16 (SDXL's VAE
         with `force_upcast`); `--precision fp16` spares them as it spares the profile's.
-    pipeline_config: pipeline → the pipeline's own registered options the runtime must construct it
-        with (SDXL's force_zeros_for_empty_prompt), recorded as the manifest's model.pipeline_config.
+    pipeline_config: model folder → the pipeline's own options (model_index.json) the runtime must
+        construct it with (SDXL's force_zeros_for_empty_prompt), recorded as model.pipeline_config.
     """
 
     name: str
@@ -55,7 +55,7 @@ class Family:
     record_calibration: Callable[..., list]
     assets: tuple[str, ...] = ("tokenizer", "scheduler")
     keep_fp32: Callable[[Path], tuple[str, ...]] = lambda folder: ()
-    pipeline_config: Callable[[Any], dict] = lambda pipe: {}
+    pipeline_config: Callable[[Path], dict] = lambda folder: {}
 
     @property
     def tasks(self) -> Mapping[str, tuple[str, ...]]:

@@ -75,8 +75,10 @@ def keep_fp32(folder: Path) -> tuple[str, ...]:
     return VAE_COMPONENTS if read_json(folder / "vae" / "config.json").get("force_upcast", True) else ()
 
 
-def pipeline_config(pipe) -> dict:
-    return {k: pipe.config[k] for k in PIPELINE_OPTIONS if k in pipe.config}
+def pipeline_config(folder: Path) -> dict:
+    """The pipeline options model_index.json sets (an img2img folder's requires_aesthetics_score too)."""
+    index = read_json(folder / "model_index.json")
+    return {k: index[k] for k in PIPELINE_OPTIONS if k in index}
 
 
 FAMILY = Family(
