@@ -81,6 +81,7 @@ def check_against_torch(
         release()
     options = ort.SessionOptions()
     options.add_session_config_entry("session.disable_prepacking", "1")  # no second, repacked copy of the weights
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC  # nor re-laid-out ones (NCHWc)
     session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
     rows: list[ParityRow] = []
     for point in points:

@@ -10,6 +10,7 @@ from typing import Any
 from exporters.onnx_io import save_onnx
 from exporters.profile import Profile
 from exporters.specs import ComponentSpec, sample_inputs
+from exporters.weights import save_graph
 from runtime.errors import ExportError, format_table
 
 log = logging.getLogger(__name__)
@@ -37,9 +38,10 @@ def lower_precision(spec: ComponentSpec, tmp: Path, profile: Profile, precision:
     if precision == "fp16":
         log.info("%s: converting to fp16 (kept fp32: ops %s, modules %s, softmax %s)", name,
                  list(profile.fp16.keep_fp32_ops), list(profile.fp16.keep_fp32_modules), profile.fp16.keep_fp32_softmax)
-        model = prec.convert_fp16(onnx.load(str(fp32_path)), profile.fp16, upcast_attention)
+        model = prec.convert_fp16_file(fp32_path, profile.fp16, upcast_attention)
         prec.check_strongly_typed(model, name)
-        save_onnx(model, out_path, external_data_threshold)
+        save_graph(model, out_path, fp32_dir, external_data_threshold)
+        del model
         held_out = [sample_inputs(spec, {t.name: ranges[t.name]["opt"] for t in spec.inputs}, 1000 + k) for k in range(4)]
         entry["fp16"] = asdict(profile.fp16)
     else:
@@ -51,8 +53,8 @@ def lower_precision(spec: ComponentSpec, tmp: Path, profile: Profile, precision:
         source_path = fp32_path
         if base == "fp16":
             source_path = fp32_dir / "model.fp16.onnx"
-            model = prec.convert_fp16(onnx.load(str(fp32_path)), profile.fp16, upcast_attention)
-            save_onnx(model, source_path, external_data_threshold)
+            model = prec.convert_fp16_file(fp32_path, profile.fp16, upcast_attention)
+            save_graph(model, source_path, fp32_dir, external_data_threshold)
             del model
         log.info("%s: quantizing to int8 (%s recipe, over %s) from %d recorded inputs; excluded modules %s", name,
                  recipe, base, len(calibrate_on), list(profile.int8.exclude_modules))

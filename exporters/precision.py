@@ -42,20 +42,59 @@ class Int8Policy:
     exclude_modules: tuple[str, ...] = ("time_proj", "time_embedding", "conv_in", "conv_out")
 
 
-def convert_fp16(model, policy: Fp16Policy, upcast_attention: bool):
+def convert_fp16(model, policy: Fp16Policy, upcast_attention: bool, keep_io=None):
     """fp32 graph -> fp16 graph with fp32 inputs and outputs; blocked ops and modules stay fp32
-    behind explicit Casts."""
+    behind explicit Casts. keep_io: the inputs and outputs that stay fp32 (default: all of them)."""
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
     ops = set(DEFAULT_OP_BLOCK_LIST) | set(policy.keep_fp32_ops)
     if policy.keep_fp32_softmax == "always" or (policy.keep_fp32_softmax == "upcast" and upcast_attention):
         ops.add("Softmax")
     nodes = [n.name for n in model.graph.node if matches_module(n.name, policy.keep_fp32_modules)]
-    out = convert_float_to_float16(model, keep_io_types=True, op_block_list=sorted(ops), node_block_list=nodes,
+    out = convert_float_to_float16(model, keep_io_types=True if keep_io is None else list(keep_io),
+                                   op_block_list=sorted(ops), node_block_list=nodes,
                                    disable_shape_infer=over_proto_limit(model))
     fp32_left = sum(1 for n in out.graph.node if n.op_type in ops) + len(nodes)
     log.debug("fp16: %d nodes, %d kept fp32 (ops %s, %d by module)", len(out.graph.node), fp32_left, sorted(ops), len(nodes))
     return out
+
+
+def convert_fp16_file(fp32_path: Path, policy: Fp16Policy, upcast_attention: bool):
+    """The fp16 graph of the fp32 graph at `fp32_path`, without reading its external weights: they
+    are graph inputs while the converter runs (the graph's real inputs and outputs stay fp32), and
+    come back as placeholders that save_graph(model, path, fp32_path.parent, ...) writes as fp16,
+    one tensor at a time. A weight only fp32 nodes read stays fp32. Graphs without external
+    weights (small models) convert in memory, as convert_fp16."""
+    import onnx
+
+    from exporters.weights import as_fp16_weight, attach_weights, detach_weights, load_graph
+
+    model = load_graph(fp32_path)
+    io = [t.name for t in (*model.graph.input, *model.graph.output)]
+    weights = detach_weights(model)
+    out = convert_fp16(model, policy, upcast_attention, keep_io=io)
+    types = {i.name: i.type.tensor_type.elem_type for i in out.graph.input if i.name in weights}
+    consumers: dict[str, list] = {}
+    for node in out.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    back_to_fp32 = [n for n, t in types.items() if t == onnx.TensorProto.FLOAT16 and consumers.get(n)
+                    and all(c.op_type == "Cast" and _cast_to(c) == onnx.TensorProto.FLOAT for c in consumers[n])]
+    for name in back_to_fp32:  # only blocked nodes read it: no fp16 round trip, the fp32 weight itself
+        for cast in consumers[name]:
+            for node in out.graph.node:
+                node.input[:] = [name if i == cast.output[0] else i for i in node.input]
+            out.graph.node.remove(cast)
+        types[name] = onnx.TensorProto.FLOAT
+    attach_weights(out, {n: as_fp16_weight(w, n) if types.get(n) == onnx.TensorProto.FLOAT16 else w
+                         for n, w in weights.items()})
+    log.debug("fp16: %d external weights written as fp16, %d kept fp32", sum(t == onnx.TensorProto.FLOAT16 for t in
+              types.values()), sum(t == onnx.TensorProto.FLOAT for t in types.values()))
+    return out
+
+
+def _cast_to(node) -> int | None:
+    return next((a.i for a in node.attribute if a.name == "to"), None)
 
 
 def tensor_types(model) -> dict[str, int]:

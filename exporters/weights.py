@@ -81,8 +81,12 @@ def _all_nodes(graph):
 
 
 def weight_bytes(model) -> int:
-    """Bytes of every initializer, whether its data is in the graph or external."""
-    return sum(int(_info(t).get("length", 0)) if _external(t) else len(t.raw_data) for t in model.graph.initializer)
+    """Bytes of every initializer, whether its data is in the graph or external (as saved)."""
+    def size(t) -> int:
+        info = _info(t)
+        return int(info.get("length", 0)) // (2 if info.get(FROM_FP32) else 1)
+
+    return sum(size(t) if _external(t) else len(t.raw_data) for t in model.graph.initializer)
 
 
 def save_graph(model, path: Path, source_dir: Path | None, external_data_threshold: int) -> None:
@@ -94,10 +98,15 @@ def save_graph(model, path: Path, source_dir: Path | None, external_data_thresho
     path = Path(path)
     external = [t for t in model.graph.initializer if _external(t)]
     if weight_bytes(model) <= external_data_threshold:
-        from onnx.external_data_helper import load_external_data_for_tensor
+        import io
 
         for tensor in external:
-            load_external_data_for_tensor(tensor, str(source_dir))
+            info = _info(tensor)
+            with open(Path(source_dir) / info["location"], "rb") as src:
+                src.seek(int(info.get("offset", 0)))
+                buffer = io.BytesIO()
+                (_copy_as_fp16 if info.get(FROM_FP32) else _copy)(src, buffer, int(info["length"]))
+            tensor.raw_data = buffer.getvalue()
             tensor.data_location = onnx.TensorProto.DEFAULT
             del tensor.external_data[:]
         onnx.save_model(model, str(path))
@@ -116,7 +125,10 @@ def save_graph(model, path: Path, source_dir: Path | None, external_data_thresho
                     src = handles[location]
                     src.seek(int(info.get("offset", 0)))
                     length = int(info["length"])
-                    _copy(src, data, length)
+                    if info.get(FROM_FP32):  # an fp32 weight stored as fp16 (as_fp16_weight)
+                        length = _copy_as_fp16(src, data, length)
+                    else:
+                        _copy(src, data, length)
                 elif len(tensor.raw_data) >= INLINE_LIMIT:
                     length = len(tensor.raw_data)
                     data.write(tensor.raw_data)
@@ -136,6 +148,39 @@ def save_graph(model, path: Path, source_dir: Path | None, external_data_thresho
             for handle in handles.values():
                 handle.close()
     onnx.save_model(model, str(path))
+
+
+FROM_FP32 = "kiln_from_float32"  # external-data key of a weight save_graph converts from fp32 to fp16
+
+
+def as_fp16_weight(weight, name: str):
+    """A TensorProto named `name` that save_graph writes as the fp16 copy of fp32 external `weight`."""
+    import onnx
+
+    tensor = onnx.TensorProto(name=name, data_type=onnx.TensorProto.FLOAT16, dims=list(weight.dims),
+                              data_location=onnx.TensorProto.EXTERNAL)
+    for entry in weight.external_data:
+        tensor.external_data.add(key=entry.key, value=entry.value)
+    tensor.external_data.add(key=FROM_FP32, value="1")
+    return tensor
+
+
+def _copy_as_fp16(src, dst, length: int, chunk: int = 16 * 2**20) -> int:
+    """Copy `length` bytes of float32 as float16 (clamped to fp16's range as ONNX Runtime's
+    converter does); returns the bytes written."""
+    import numpy as np
+    from onnxruntime.transformers.float16 import convert_np_to_float16
+
+    written, left = 0, length
+    while left:
+        block = src.read(min(chunk, left))
+        if not block or len(block) % 4:
+            raise OSError(f"fp32 external weights end {left} bytes early")
+        out = convert_np_to_float16(np.frombuffer(block, dtype=np.float32)).tobytes()
+        dst.write(out)
+        written += len(out)
+        left -= len(block)
+    return written
 
 
 def _copy(src, dst, length: int, chunk: int = 64 * 2**20) -> None:
