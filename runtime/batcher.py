@@ -299,7 +299,8 @@ def normalize_request(pipe, request: ImageRequest, truncate_prompts: bool = Fals
         scheduler_from_name(request.scheduler, pipe.scheduler.config, family.schedulers)  # raises for an unknown name
     if not truncate_prompts:
         for name in ("prompt", "negative_prompt", "prompt_2", "negative_prompt_2"):
-            check_prompt_length(counting_tokenizer(pipe, name.endswith("_2")), getattr(request, name), name)
+            if getattr(request, name):  # the _2 prompts exist only where the family takes them (checked above)
+                check_prompt_length(counting_tokenizer(pipe, name.endswith("_2")), getattr(request, name), name)
     return request
 
 

@@ -35,7 +35,8 @@ def _gpu_unavailable() -> str | None:
 
 # fixtures that export or build a model; the second group takes minutes rather than seconds
 MODEL_FIXTURES = {"tiny_export", "tiny_artifact", "tiny_fp16_export", "tiny_fp16_artifact", "digits_artifact",
-                  "digits_lcm_artifact", "tiny_sdxl_artifact", "tiny_sdxl_turbo_artifact", "lora_artifacts"}
+                  "digits_lcm_artifact", "tiny_sdxl_artifact", "tiny_sdxl_turbo_artifact", "lora_artifacts",
+                  "unet_exports"}
 SLOW_FIXTURES = {"sd15_artifact", "artifacts", "tiny_int8_export"}
 
 

@@ -40,6 +40,7 @@ def test_lora_fused_at_export_matches_diffusers(lora_artifacts, model):
     assert recorded[0]["sha256"] == hashlib.sha256(built["lora"].read_bytes()).hexdigest()
 
 
+@pytest.mark.model
 def test_lora_hash_and_scale_enter_the_export_key(tmp_path):
     from exporters.export import ExportOptions, export_key
     from exporters.resolve import resolve_model
@@ -54,6 +55,7 @@ def test_lora_hash_and_scale_enter_the_export_key(tmp_path):
     assert len(keys) == 4
 
 
+@pytest.mark.model
 def test_lora_for_another_model_is_refused(tmp_path):
     from exporters.export import ExportOptions, export_model
     from exporters.resolve import resolve_model
