@@ -36,7 +36,7 @@ def _gpu_unavailable() -> str | None:
 # fixtures that export or build a model; the second group takes minutes rather than seconds
 MODEL_FIXTURES = {"tiny_export", "tiny_artifact", "tiny_fp16_export", "tiny_fp16_artifact", "digits_artifact",
                   "digits_lcm_artifact", "tiny_sdxl_artifact", "tiny_sdxl_turbo_artifact", "lora_artifacts",
-                  "unet_exports"}
+                  "streamed_fp16_export"}
 SLOW_FIXTURES = {"sd15_artifact", "artifacts", "tiny_int8_export"}
 
 
@@ -117,10 +117,13 @@ XL_PIPELINE = ("text_encoder", "text_encoder_2", "unet", "vae_decoder")
 
 @pytest.fixture(scope="session")
 def tiny_sdxl_artifact(tmp_path_factory) -> Path:
-    """`kiln build tiny-sdxl`: the SDXL-shaped model, every component (img2img too)."""
+    """`kiln build tiny-sdxl`: the SDXL-shaped model, every component (img2img too), each graph
+    checked against PyTorch at the opt shapes (the SD fixtures check min and max too)."""
     from engines.build import build_from_model
+    from exporters.export import ExportOptions
 
-    return build_from_model("tiny-sdxl", tmp_path_factory.mktemp("artifacts") / "tiny-sdxl", cpu_build_options()).folder
+    return build_from_model("tiny-sdxl", tmp_path_factory.mktemp("artifacts") / "tiny-sdxl", cpu_build_options(),
+                            export_options=ExportOptions(check_points=("opt",))).folder
 
 
 @pytest.fixture(scope="session")
