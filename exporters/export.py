@@ -131,6 +131,7 @@ def export_model(source: ModelSource, profile: Profile, out_dir: Path, options: 
     profile = _resolved(source, profile, options)
     prompts = _calibration_prompts(source, profile, options)  # errors before any work
     loras = resolve_loras(profile.loras)
+    scheduler_class(profile.generation)  # a bad name is refused before the model loads
     dims = export_dims(source, profile)
     log.info("loading %s (%s, %s family)", source.source, source.folder, family.name)
     pipe = source.load_pipeline()
@@ -221,11 +222,10 @@ def export_model(source: ModelSource, profile: Profile, out_dir: Path, options: 
     return out_dir
 
 
-def set_scheduler(pipe, generation) -> None:
-    """The profile's scheduler, made from the model's own scheduler config with the profile's
-    overrides (what the artifact saves and the runtime loads); None keeps the model's."""
+def scheduler_class(generation):
+    """The diffusers class the profile's [generation] scheduler names (None: keep the model's)."""
     if generation.scheduler is None:
-        return
+        return None
     import diffusers
     from diffusers import SchedulerMixin
 
@@ -233,15 +233,32 @@ def set_scheduler(pipe, generation) -> None:
     if not (isinstance(cls, type) and issubclass(cls, SchedulerMixin)):
         raise ExportError(f"[generation] scheduler = {generation.scheduler!r} is not a diffusers scheduler class; "
                           "use a name such as LCMScheduler, EulerAncestralDiscreteScheduler or DDIMScheduler")
-    pipe.scheduler = cls.from_config(pipe.scheduler.config, **dict(generation.scheduler_config))
+    return cls
+
+
+def set_scheduler(pipe, generation) -> None:
+    """The profile's scheduler, made from the model's own scheduler config with the profile's
+    overrides (what the artifact saves and the runtime loads); None keeps the model's."""
+    cls = scheduler_class(generation)
+    if cls is None:
+        return
+    scheduler, unused = cls.from_config(pipe.scheduler.config, return_unused_kwargs=True, **dict(generation.scheduler_config))
+    unknown = sorted(set(unused) & set(dict(generation.scheduler_config)))
+    if unknown:
+        raise ExportError(f"[generation] scheduler_config sets {', '.join(unknown)}, which {generation.scheduler} does not "
+                          f"take; its options: {', '.join(sorted(k for k in scheduler.config if not k.startswith('_')))}")
+    pipe.scheduler = scheduler
     log.info("scheduler: %s%s", generation.scheduler,
              f" ({', '.join(f'{k}={v}' for k, v in generation.scheduler_config)})" if generation.scheduler_config else "")
 
 
 def _export_bytes(source: ModelSource, profile: Profile, names) -> int:
-    """Room an export needs: its graphs hold the weights once (twice while a lowered copy is made)."""
+    """Room an export needs: its graphs hold the weights once (twice while a lowered copy is made),
+    and a component's trace is on disk twice (raw and optimized) while its graph is written."""
     lowered = any(profile.precision_of(n) != "fp32" for n in names)
-    return int(source.weights_bytes * (2.5 if lowered else 1.5)) + 2**20
+    largest = max((sum(p.stat().st_size for p in (source.folder / c).rglob("*.safetensors"))
+                   for c in source.family.folder_components), default=0)
+    return int(source.weights_bytes * (2.5 if lowered else 1.5)) + 2 * largest + 2**20
 
 
 def _calibration_prompts(source: ModelSource, profile: Profile, options: ExportOptions) -> list[str]:

@@ -52,12 +52,12 @@ def lora_file(source: str) -> Path:
         if path.suffix != ".safetensors":
             raise ModelSourceError(f"LoRA {source} is not a .safetensors file; kiln loads no pickles (.bin/.pt/.ckpt run "
                                    "code when loaded). Convert it with safetensors where you trust it")
-        return path.resolve()
+        return path.absolute()  # not resolve(): a hub snapshot's file is a symlink to a blob with no suffix
     if path.is_dir():
         files = sorted(path.glob("*.safetensors"))
         named = [f for f in files if f.name == WEIGHT_NAME]
         if len(named) == 1 or len(files) == 1:
-            return (named or files)[0].resolve()
+            return (named or files)[0].absolute()
         raise ModelSourceError(f"LoRA folder {source} holds {len(files)} .safetensors files "
                                f"({', '.join(f.name for f in files) or 'none'}); pass the file itself")
     if HUB_ID.match(source):
@@ -65,11 +65,12 @@ def lora_file(source: str) -> Path:
 
         log.info("downloading LoRA %s from the hub", source)
         try:
-            return Path(hf_hub_download(source, WEIGHT_NAME)).resolve()
+            return Path(hf_hub_download(source, WEIGHT_NAME))
         except Exception as exc:  # the hub client raises many unrelated types for "unreachable"
             raise ModelSourceError(
-                f"could not download LoRA '{source}' ({WEIGHT_NAME}) from the hub ({type(exc).__name__}: {exc}). "
-                "Where the network does not reach the hub, download the file elsewhere and pass its path") from exc
+                f"LoRA '{source}' is not a local file or folder, so it was taken for a hub id, and {WEIGHT_NAME} "
+                f"could not be downloaded from it ({type(exc).__name__}: {exc}). Check the path; where the network "
+                "does not reach the hub, download the file elsewhere and pass its path") from exc
     raise ModelSourceError(f"LoRA '{source}' is neither a .safetensors file, a folder holding one, nor a hub id")
 
 

@@ -263,6 +263,9 @@ def _generation(table: object, problems: list) -> Generation:
                 problems.append((f"generation.{key}", expected, repr(value)))
             else:
                 fields[key] = value
+    if fields.get("guidance") is False and fields.get("guidance_scale", 0) > 1:
+        problems.append(("generation.guidance_scale", "<= 1 when guidance = false (the UNet is built without the "
+                         "unconditional half)", repr(fields["guidance_scale"])))
     if "scheduler_config" in fields:
         fields["scheduler_config"] = tuple(sorted(fields["scheduler_config"].items()))
     for key in ("guidance_scale", "max_guidance_scale"):

@@ -35,7 +35,11 @@ def load_graph(path: Path):
 
     model = onnx.load(str(path), load_external_data=False)
     for tensor in model.graph.initializer:
-        if _external(tensor) and int(_info(tensor).get("length", SMALL_TENSOR)) < SMALL_TENSOR:
+        info = _info(tensor) if _external(tensor) else {}
+        if info and "length" not in info:  # torchscript's exporter: one file per weight, its whole size
+            size = (Path(path).parent / info["location"]).stat().st_size - int(info.get("offset", 0))
+            tensor.external_data.add(key="length", value=str(size))
+        if _external(tensor) and int(_info(tensor)["length"]) < SMALL_TENSOR:
             load_external_data_for_tensor(tensor, str(Path(path).parent))
             tensor.data_location = onnx.TensorProto.DEFAULT
             del tensor.external_data[:]
@@ -114,15 +118,15 @@ def save_graph(model, path: Path, source_dir: Path | None, external_data_thresho
     data_name = f"{path.name}.data"
     offset = 0
     with open(path.parent / data_name, "wb") as data:
-        handles: dict[str, object] = {}
+        src, opened = None, None
         try:
             for tensor in model.graph.initializer:
                 if _external(tensor):
                     info = _info(tensor)
-                    location = info["location"]
-                    if location not in handles:
-                        handles[location] = open(Path(source_dir) / location, "rb")  # noqa: SIM115 (closed below)
-                    src = handles[location]
+                    if info["location"] != opened:  # one source file open at a time (one per weight, for some)
+                        if src is not None:
+                            src.close()
+                        src, opened = open(Path(source_dir) / info["location"], "rb"), info["location"]  # noqa: SIM115
                     src.seek(int(info.get("offset", 0)))
                     length = int(info["length"])
                     if info.get(FROM_FP32):  # an fp32 weight stored as fp16 (as_fp16_weight)
@@ -145,8 +149,8 @@ def save_graph(model, path: Path, source_dir: Path | None, external_data_thresho
                 data.write(b"\0" * pad)
                 offset += pad
         finally:
-            for handle in handles.values():
-                handle.close()
+            if src is not None:
+                src.close()
     onnx.save_model(model, str(path))
 
 

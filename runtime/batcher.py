@@ -56,8 +56,10 @@ class ImageRequest:
     target_size: tuple[int, int] | None = None
 
     def group_key(self) -> tuple:
-        """Requests with equal keys can share one engine call: every field but the per-request ones."""
-        return tuple(getattr(self, f.name) for f in fields(self) if f.name not in PER_REQUEST)
+        """Requests with equal keys can share one engine call: every field but the per-request ones,
+        and whether a negative prompt is given (SDXL encodes a missing one as zeros, an empty one not)."""
+        fixed = tuple(getattr(self, f.name) for f in fields(self) if f.name not in PER_REQUEST)
+        return (*fixed, bool(self.negative_prompt or self.negative_prompt_2))
 
 
 @dataclass
@@ -147,6 +149,8 @@ class Batcher:
         self._base_scheduler = pipe.scheduler.config
         self.truncate_prompts = truncate_prompts
         counting_tokenizer(pipe)  # made now, before the worker thread uses the pipeline's own
+        if getattr(pipe, "tokenizer_2", None) is not None:
+            counting_tokenizer(pipe, second=True)
         self.last_batch_seconds = 1.0
         self.running_since: float | None = None  # perf_counter() when the batch in flight started
 
@@ -288,6 +292,13 @@ def normalize_request(pipe, request: ImageRequest, truncate_prompts: bool = Fals
     if request.negative_prompt and not family.negative_prompt:
         raise RequestError(f"this model ({pipe.manifest.family}) takes no negative prompt; leave it out",
                            field="negative_prompt")
+    for name in ("original_size", "crops_coords_top_left", "target_size"):
+        value = getattr(request, name)
+        if value is not None:
+            if not (isinstance(value, (tuple, list)) and len(value) == 2
+                    and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)):
+                raise RequestError(f"{name} is (height, width) in pixels, two integers >= 0; got {value!r}", field=name)
+            request = replace(request, **{name: tuple(value)})
     for name in FAMILY_FIELDS:
         if getattr(request, name) is not None and name not in family.request_fields:
             raise RequestError(f"this model ({pipe.manifest.family}) takes no {name}; leave it out"

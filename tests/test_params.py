@@ -45,3 +45,21 @@ def test_values_convert(args, expected):
 def test_bad_values_name_the_option(args, message):
     r = _run(*args)
     assert r.exit_code == 2 and message in r.output, r.output
+
+
+def test_guidance_off_with_a_recommended_guidance_above_one_is_refused():
+    import pytest
+
+    from exporters.profile import profile_from_dict
+    from runtime.errors import ProfileError
+
+    shapes = {"batch": [1, 1, 2], "height": [64, 64, 64], "width": [64, 64, 64]}
+    with pytest.raises(ProfileError, match=r"generation.guidance_scale\s+<= 1 when guidance = false"):
+        profile_from_dict("p", {"shapes": shapes, "generation": {"guidance": False, "guidance_scale": 5.0}}, source="x")
+
+
+def test_requests_with_and_without_a_negative_prompt_do_not_share_a_call():
+    from runtime.batcher import ImageRequest
+
+    assert ImageRequest("a").group_key() != ImageRequest("a", negative_prompt="b").group_key()
+    assert ImageRequest("a", negative_prompt="c").group_key() == ImageRequest("b", negative_prompt="d").group_key()

@@ -69,3 +69,32 @@ def test_passes_keep_large_weights_on_disk(tmp_path):
     x = np.ones((2, 256), dtype=np.float32)
     got = ort.InferenceSession(str(tmp_path / "out" / "model.onnx")).run(None, {"x": x})[0]
     assert np.allclose(got, x @ numpy_helper.to_array(big))
+
+
+def test_weights_in_one_file_each_without_lengths_are_copied(tmp_path):
+    """torch's TorchScript exporter writes one file per weight and records no length: save_graph
+    takes each file's size, with one source file open at a time."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from exporters.weights import load_graph, save_graph
+
+    weights = [numpy_helper.from_array(np.full((128, 128), k + 1, dtype=np.float32), f"w{k}") for k in range(3)]
+    nodes = [helper.make_node("MatMul", ["x" if k == 0 else f"y{k - 1}", f"w{k}"], [f"y{k}"]) for k in range(3)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 128])],
+                              [helper.make_tensor_value_info("y2", TensorProto.FLOAT, [1, 128])], weights)
+    src = tmp_path / "src"
+    src.mkdir()
+    onnx.save_model(helper.make_model(graph), str(src / "model.onnx"), save_as_external_data=True,
+                    all_tensors_to_one_file=False, size_threshold=0)
+    model = onnx.load(str(src / "model.onnx"), load_external_data=False)
+    for t in model.graph.initializer:  # as TorchScript writes them: a location and nothing else
+        kept = [(e.key, e.value) for e in t.external_data if e.key == "location"]
+        del t.external_data[:]
+        for key, value in kept:
+            t.external_data.add(key=key, value=value)
+    onnx.save_model(model, str(src / "model.onnx"))
+    (tmp_path / "out").mkdir()
+    save_graph(load_graph(src / "model.onnx"), tmp_path / "out" / "model.onnx", src, external_data_threshold=0)
+    x = np.ones((1, 128), dtype=np.float32)
+    got = ort.InferenceSession(str(tmp_path / "out" / "model.onnx")).run(None, {"x": x})[0]
+    assert np.allclose(got, x @ np.full((128, 128), 1.0) @ np.full((128, 128), 2.0) @ np.full((128, 128), 3.0))
