@@ -55,11 +55,13 @@ class ImageRequest:
     crops_coords_top_left: tuple[int, int] | None = None
     target_size: tuple[int, int] | None = None
 
+    # set by normalize_request where the pipeline encodes a missing negative prompt as zeros (SDXL's
+    # force_zeros_for_empty_prompt), not as "": such requests cannot share a call with ones that have one
+    zero_negative: bool = False
+
     def group_key(self) -> tuple:
-        """Requests with equal keys can share one engine call: every field but the per-request ones,
-        and whether a negative prompt is given (SDXL encodes a missing one as zeros, an empty one not)."""
-        fixed = tuple(getattr(self, f.name) for f in fields(self) if f.name not in PER_REQUEST)
-        return (*fixed, bool(self.negative_prompt or self.negative_prompt_2))
+        """Requests with equal keys can share one engine call: every field but the per-request ones."""
+        return tuple(getattr(self, f.name) for f in fields(self) if f.name not in PER_REQUEST)
 
 
 @dataclass
@@ -292,6 +294,8 @@ def normalize_request(pipe, request: ImageRequest, truncate_prompts: bool = Fals
     if request.negative_prompt and not family.negative_prompt:
         raise RequestError(f"this model ({pipe.manifest.family}) takes no negative prompt; leave it out",
                            field="negative_prompt")
+    zeroes = bool(getattr(pipe, "config", {}).get("force_zeros_for_empty_prompt", False))
+    request = replace(request, zero_negative=zeroes and not (request.negative_prompt or request.negative_prompt_2))
     for name in ("original_size", "crops_coords_top_left", "target_size"):
         value = getattr(request, name)
         if value is not None:
@@ -364,7 +368,7 @@ def generate_images(pipe, requests: list[ImageRequest], base_scheduler_config):
             extra[name] = tuple(getattr(r0, name))
     return pipe(
         prompt=[r.prompt for r in requests],
-        negative_prompt=negative if any(negative) or "negative_prompt_2" in extra else None,
+        negative_prompt=None if r0.zero_negative else negative if any(negative) or "negative_prompt_2" in extra else None,
         height=r0.height, width=r0.width, num_inference_steps=r0.steps, guidance_scale=r0.guidance_scale,
         generator=[torch.Generator("cpu").manual_seed(r.seed) for r in requests], **extra,
     ).images

@@ -58,8 +58,11 @@ def test_guidance_off_with_a_recommended_guidance_above_one_is_refused():
         profile_from_dict("p", {"shapes": shapes, "generation": {"guidance": False, "guidance_scale": 5.0}}, source="x")
 
 
-def test_requests_with_and_without_a_negative_prompt_do_not_share_a_call():
+def test_requests_without_a_negative_prompt_that_sdxl_zeroes_do_not_share_a_call():
+    from dataclasses import replace
+
     from runtime.batcher import ImageRequest
 
-    assert ImageRequest("a").group_key() != ImageRequest("a", negative_prompt="b").group_key()
-    assert ImageRequest("a", negative_prompt="c").group_key() == ImageRequest("b", negative_prompt="d").group_key()
+    zeroed = replace(ImageRequest("a"), zero_negative=True)  # as normalize_request marks them for SDXL
+    assert zeroed.group_key() != ImageRequest("a", negative_prompt="b").group_key()
+    assert ImageRequest("a").group_key() == ImageRequest("b", negative_prompt="d").group_key()  # SD: "" is the same
