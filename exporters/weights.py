@@ -9,7 +9,6 @@ peak is the PyTorch module plus what ONNX Runtime needs to check it, not several
 from __future__ import annotations
 
 import logging
-import shutil
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -195,7 +194,3 @@ def _copy(src, dst, length: int, chunk: int = 64 * 2**20) -> None:
             raise OSError(f"external weights end {left} bytes early")
         dst.write(block)
         left -= len(block)
-
-
-def discard(folder: Path) -> None:
-    shutil.rmtree(folder, ignore_errors=True)
