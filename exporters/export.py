@@ -27,6 +27,7 @@ from exporters.lowering import FP32_DIR, lower_precision, pipeline_quality
 from exporters.onnx_io import EXTERNAL_DATA_THRESHOLD
 from exporters.passes import PassContext, run_passes
 from exporters.profile import Profile, bind_family
+from exporters.refit import WEIGHTS_FILE, base_values, record_refit, refit_modules, refit_params
 from exporters.source import ModelSource
 from exporters.specs import tensor_ranges
 from exporters.trace import onnx_from_torch
@@ -57,6 +58,7 @@ class ExportOptions:
     calibration_prompts: str | None = None  # --calibration-prompts FILE
     int8_target: str = "tensorrt"  # recipe when the profile says recipe = "auto": the build target's
     loras: tuple[tuple[str, float], ...] = ()  # --lora FILE_OR_HUB_ID[:SCALE]: fused after the profile's own
+    refit: bool = False  # --refit refit: record the LoRA-loadable components' weights (exporters/refit.py)
 
     def __post_init__(self):
         bad = [p for p in self.check_points if p not in POINTS] or ([] if self.check_points else ["(none)"])
@@ -64,6 +66,9 @@ class ExportOptions:
             raise ExportError(f"check points must be a non-empty subset of {', '.join(POINTS)}; got {', '.join(bad)}")
         if self.exporter not in ("dynamo", "torchscript"):
             raise ExportError(f"exporter must be 'dynamo' or 'torchscript', got {self.exporter!r}")
+        if self.refit and self.exporter != "dynamo":
+            raise ExportError("refittable exports (--refit refit) need the dynamo exporter: the TorchScript exporter "
+                              "folds weight transposes under new names before kiln can record them; drop --exporter torchscript")
 
     def components_of(self, source: ModelSource) -> tuple[str, ...]:
         """The components to export: those asked for, which must be the family's, or all of them."""
@@ -112,6 +117,8 @@ def _identity_options(source: ModelSource, profile: Profile, options: ExportOpti
     identity = asdict(options) | {"components": list(options.components_of(source))}
     for key in ("precision", "calibration_prompts", "loras"):
         identity.pop(key)
+    if not identity["refit"]:
+        identity.pop("refit")  # keys of exports made before refit existed stay valid
     if not any(profile.precision_of(c) == "int8" for c in identity["components"]):
         identity.pop("int8_target")
     return identity
@@ -138,6 +145,7 @@ def export_model(source: ModelSource, profile: Profile, out_dir: Path, options: 
     fuse_loras(pipe, loras)
     set_scheduler(pipe, profile.generation)
     specs = family.component_specs(dims)
+    refittable = _refittable(pipe, specs, names, profile) if options.refit else ()
     # the model's attention upcast decides the fp16 softmax policy of every component
     upcast_attention = bool(specs[family.denoiser].config_of(pipe).get("upcast_attention", False))
     components: dict[str, Any] = {}
@@ -159,11 +167,17 @@ def export_model(source: ModelSource, profile: Profile, out_dir: Path, options: 
             onnx_path = tmp / name / "model.onnx"
             onnx_path.parent.mkdir()
             traced = tmp / TRACE_DIR / name
-            model = onnx_from_torch(spec, module, ranges, options, workdir=tmp, out_dir=traced)
-            model = run_passes(model, PassContext(name, workdir=tmp))
-            save_graph(model, onnx_path, traced, options.external_data_threshold)
+            refit = {"names": refit_params(getattr(pipe, spec.module), module)} if name in refittable else None
+            protected = frozenset(refit["names"]) if refit else frozenset()
+            model = onnx_from_torch(spec, module, ranges, options, workdir=tmp, out_dir=traced, refit=refit)
+            model = run_passes(model, PassContext(name, workdir=tmp, protected=protected))
+            save_graph(model, onnx_path, traced, options.external_data_threshold, keep_external=protected)
             del model
             shutil.rmtree(traced)
+            if refit:
+                state = dict(getattr(pipe, spec.module).named_parameters())
+                refit = record_refit(name, spec.module, refit["names"], refit["layouts"],
+                                     lambda p, state=state: state[p].detach().numpy(), onnx_path)
             log.info("[%d/%d] %s: checking against PyTorch at %s", i, len(names), name, "/".join(options.check_points))
             last_use = all(specs[later].module != spec.module for later in names[i:])
             rows, reference = check_against_torch(spec, module, onnx_path, ranges, options.seed, options.check_points,
@@ -180,7 +194,14 @@ def export_model(source: ModelSource, profile: Profile, out_dir: Path, options: 
             if precision != "fp32":
                 lowered = lower_precision(spec, tmp, profile, precision, calibration, ranges,
                                           upcast_attention=upcast_attention, int8_target=options.int8_target,
-                                          external_data_threshold=options.external_data_threshold)
+                                          external_data_threshold=options.external_data_threshold,
+                                          keep_external=protected)
+                if refit:  # the base weights again, as the lowered graph holds them (fp16)
+                    graph_names = {graph: param for param, (graph, _) in refit["params"].items()}
+                    layouts = {graph: layout for graph, layout in refit["params"].values()}
+                    graph_names.update({f"unused:{p}": p for p in refit["unused"]})
+                    refit = record_refit(name, spec.module, graph_names, layouts,
+                                         base_values(tmp / FP32_DIR / name / WEIGHTS_FILE), onnx_path)
             components[name] = {
                 "onnx": f"{name}/model.onnx",
                 "files": folder_checksums(tmp / name),
@@ -193,6 +214,7 @@ def export_model(source: ModelSource, profile: Profile, out_dir: Path, options: 
                 "parity": [r.to_dict() for r in rows],
                 "export_seconds": round(seconds, 2),
                 "reference": f"reference/{name}.npz",
+                **({"refit": refit} if refit else {}),
             }
         manifest = {
             "kind": "kiln-export",
@@ -220,6 +242,22 @@ def export_model(source: ModelSource, profile: Profile, out_dir: Path, options: 
         (tmp / EXPORT_FILE).write_text(json.dumps(manifest, indent=2, default=_json_default), encoding="utf-8")
     log.debug("wrote %s", out_dir)
     return out_dir
+
+
+def _refittable(pipe, specs, names, profile) -> tuple[str, ...]:
+    """The components a refittable export records: those traced from a module diffusers loads
+    LoRAs into. An int8 one is refused before any work (its weights are quantized with calibrated
+    scales: a LoRA would need a recalibration, not a refit)."""
+    modules = refit_modules(pipe)
+    chosen = tuple(n for n in names if specs[n].module in modules)
+    int8 = [n for n in chosen if profile.precision_of(n) == "int8"]
+    if int8:
+        raise ExportError(f"--refit refit cannot make int8 {', '.join(int8)} refittable (quantized weights with calibrated "
+                          "scales need a recalibration, not a refit); build them fp16 or fp32 (--precision fp16)")
+    if not chosen:
+        raise ExportError(f"--refit refit: none of {', '.join(names)} is a module "
+                          f"{type(pipe).__name__} loads LoRAs into ({', '.join(modules) or 'none'})")
+    return chosen
 
 
 def scheduler_class(generation):

@@ -19,7 +19,8 @@ FP32_DIR = ".fp32"  # fp32 sources of lowered components, kept only while the ex
 
 
 def lower_precision(spec: ComponentSpec, tmp: Path, profile: Profile, precision: str, calibration, ranges, *,
-                    upcast_attention: bool, int8_target: str, external_data_threshold: int) -> dict[str, Any]:
+                    upcast_attention: bool, int8_target: str, external_data_threshold: int,
+                    keep_external=frozenset()) -> dict[str, Any]:
     """Replace tmp/<component>/model.onnx (fp32, checked) with its fp16 or int8 graph, measure it
     against the fp32 graph on held-out inputs and refuse it below the quality gate. The fp32 graph
     moves to tmp/.fp32/<component>/ for the pipeline comparison."""
@@ -40,7 +41,7 @@ def lower_precision(spec: ComponentSpec, tmp: Path, profile: Profile, precision:
                  list(profile.fp16.keep_fp32_ops), list(profile.fp16.keep_fp32_modules), profile.fp16.keep_fp32_softmax)
         model = prec.convert_fp16_file(fp32_path, profile.fp16, upcast_attention)
         prec.check_strongly_typed(model, name)
-        save_graph(model, out_path, fp32_dir, external_data_threshold)
+        save_graph(model, out_path, fp32_dir, external_data_threshold, keep_external=keep_external)
         del model
         held_out = [sample_inputs(spec, {t.name: ranges[t.name]["opt"] for t in spec.inputs}, 1000 + k) for k in range(4)]
         entry["fp16"] = asdict(profile.fp16)

@@ -16,6 +16,7 @@ log = logging.getLogger(__name__)
 class PassContext:
     component: str
     workdir: Path | None = None  # where temporary files go (beside the output); None: the system's
+    protected: frozenset[str] = frozenset()  # initializers no pass may fold or change (refittable weights)
 
 def cleanup_graph(graph, ctx: PassContext):
     """Remove dead nodes and tensors, then sort topologically."""
@@ -99,7 +100,7 @@ def run_passes(model, ctx: PassContext, passes: list[Callable] = DEFAULT_PASSES)
 
     from exporters.weights import attach_weights, detach_weights
 
-    weights = detach_weights(model)
+    weights = detach_weights(model, also=ctx.protected)
     model = name_nodes_by_module(model, ctx)
     graph = gs.import_onnx(model)
     for p in passes:

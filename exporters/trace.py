@@ -31,13 +31,19 @@ def forget_traced_tensors() -> None:
         table.clear()
 
 
-def optimize_file(raw: Path, path: Path) -> None:
+def optimize_file(raw: Path, path: Path, refit: dict | None = None) -> None:
     """onnxscript's optimizer on the graph at `raw` (its weights mapped from disk, touched only where
-    folded), written to `path` with external data; `raw` and its data are removed."""
+    folded), written to `path` with external data; `raw` and its data are removed. With `refit`
+    ({"names": traced weight names}), those weights are first folded by kiln, keeping their names,
+    and their layouts are recorded in refit["layouts"] (exporters/refit.py)."""
     import onnx_ir as ir
     from onnxscript import optimizer
 
     model = ir.load(str(raw))
+    if refit is not None:
+        from exporters.refit import fold_weight_transposes
+
+        refit["layouts"] = fold_weight_transposes(model, refit["names"])
     optimizer.optimize_ir(model)
     ir.save(model, str(path), external_data=f"{path.name}.data")
     del model
@@ -46,12 +52,12 @@ def optimize_file(raw: Path, path: Path) -> None:
 
 
 def onnx_from_torch(spec: ComponentSpec, module, ranges: dict[str, dict[str, list[int]]], options,
-                    workdir: Path | None = None, out_dir: Path | None = None):
+                    workdir: Path | None = None, out_dir: Path | None = None, refit: dict | None = None):
     """Trace `module` at the opt shapes with named dynamic axes; return the onnx.ModelProto. The
     exporter's files go to a temporary folder in `workdir` (beside the output), not the system's.
     With `out_dir`, the traced graph is kept there and returned without its large weights, which
     stay in out_dir's external data (exporters/weights.py: passes and save_graph keep them on disk);
-    without it, the graph is returned whole."""
+    without it, the graph is returned whole. `refit`: see optimize_file (dynamo exporter only)."""
     import tempfile
 
     import onnx
@@ -86,7 +92,7 @@ def onnx_from_torch(spec: ComponentSpec, module, ranges: dict[str, dict[str, lis
                 torch.onnx.export(module.eval(), args, str(raw), **kwargs)
                 forget_traced_tensors()
                 if raw != path:
-                    optimize_file(raw, path)
+                    optimize_file(raw, path, refit)
         except Exception as exc:  # torch.onnx raises many types; report them as one
             raise ExportError(
                 f"{spec.name}: torch.onnx.export ({options.exporter}) failed: {type(exc).__name__}: {exc}. "

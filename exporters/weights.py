@@ -45,14 +45,20 @@ def load_graph(path: Path):
     return model
 
 
-def detach_weights(model) -> dict:
-    """Turn the external weights of `model` into graph inputs of their name, type and shape (in
-    place, for passes that need no weight values); returns them by name for `attach_weights`."""
+def external_names(model) -> set[str]:
+    """The initializers of `model` whose data is external."""
+    return {t.name for t in model.graph.initializer if _external(t)}
+
+
+def detach_weights(model, also=frozenset()) -> dict:
+    """Turn the external weights of `model`, and the initializers named in `also` (weights a pass
+    must not fold), into graph inputs of their name, type and shape (in place, for passes that need
+    no weight values); returns them by name for `attach_weights`."""
     import onnx
 
-    weights = {t.name: t for t in model.graph.initializer if _external(t)}
+    weights = {t.name: t for t in model.graph.initializer if _external(t) or t.name in also}
     if weights:
-        kept = [t for t in model.graph.initializer if not _external(t)]
+        kept = [t for t in model.graph.initializer if t.name not in weights]
         del model.graph.initializer[:]
         model.graph.initializer.extend(kept)
         model.graph.input.extend(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
@@ -92,15 +98,17 @@ def weight_bytes(model) -> int:
     return sum(size(t) if _external(t) else len(t.raw_data) for t in model.graph.initializer)
 
 
-def save_graph(model, path: Path, source_dir: Path | None, external_data_threshold: int) -> None:
+def save_graph(model, path: Path, source_dir: Path | None, external_data_threshold: int,
+               keep_external=frozenset()) -> None:
     """Save `model` at `path`. Its external weights are read from `source_dir` (where their
     locations are relative to); they go to `<name>.data`, copied one tensor at a time, when all
-    weights exceed the threshold, else into the graph itself (small models: one file)."""
+    weights exceed the threshold, else into the graph itself (small models: one file). The
+    initializers named in `keep_external` always go to `<name>.data` (refittable weights)."""
     import onnx
 
     path = Path(path)
     external = [t for t in model.graph.initializer if _external(t)]
-    if weight_bytes(model) <= external_data_threshold:
+    if weight_bytes(model) <= external_data_threshold and not keep_external:
         import io
 
         for tensor in external:
@@ -132,7 +140,7 @@ def save_graph(model, path: Path, source_dir: Path | None, external_data_thresho
                         length = _copy_as_fp16(src, data, length)
                     else:
                         _copy(src, data, length)
-                elif len(tensor.raw_data) >= INLINE_LIMIT:
+                elif len(tensor.raw_data) >= INLINE_LIMIT or (tensor.name in keep_external and tensor.raw_data):
                     length = len(tensor.raw_data)
                     data.write(tensor.raw_data)
                     tensor.ClearField("raw_data")
