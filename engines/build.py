@@ -45,8 +45,13 @@ class BuildOptions:
     force: bool = False
     tensorrt: TrtOptions = TrtOptions()
     timing_cache_dir: Path | None = None  # TensorRT timing caches; default $KILN_CACHE_DIR/tensorrt
+    # "refit": engines whose LoRA-loadable weights are swapped at run time (runtime/refit.py), on
+    # every backend; "identical" (TensorRT): refit only with the build's own weights (stripped plans)
+    refit: str = "off"
 
     def __post_init__(self):
+        if self.refit not in ("off", "refit", "identical"):
+            raise BuildError(f"refit must be off, refit or identical, got {self.refit!r}")
         if self.backend not in ("auto", *BACKENDS):
             raise BuildError(f"unknown backend {self.backend!r}; choose auto, {', '.join(BACKENDS)}")
         if self.device not in (None, "cpu", "cuda"):
@@ -55,6 +60,10 @@ class BuildOptions:
 
 def resolve_options(options: BuildOptions) -> BuildOptions:
     """`options` with "auto" and an unset device made concrete; says what was picked and why."""
+    if options.refit == "off" and options.tensorrt.refit != "off":  # one refit mode, set on either
+        options = replace(options, refit=options.tensorrt.refit)
+    elif options.refit != options.tensorrt.refit:
+        options = replace(options, tensorrt=replace(options.tensorrt, refit=options.refit))
     if options.backend != "auto" and options.device is not None:
         return options
     choice = choose_backend(options.backend, options.device)
@@ -74,7 +83,7 @@ def backend_identity(options: BuildOptions) -> dict[str, Any]:
     """What engines built with `options` (resolved) depend on: the build key's and manifest's record."""
     if options.backend == "tensorrt":
         return trt_backend.identity(options.tensorrt)
-    return ort_backend.identity(ort_backend.OrtTarget(options.device))
+    return ort_backend.identity(ort_backend.OrtTarget(options.device), options.refit)
 
 
 def int8_target(options: BuildOptions) -> str:
@@ -120,6 +129,8 @@ def build_from_model(model: str, out_dir: Path, options: BuildOptions = BuildOpt
     refuse_foreign(out_dir, MANIFEST_FILE, "artifact")  # before any work: a user's folder is never replaced
     options = resolve_options(options)
     export_options = export_options or ExportOptions(int8_target=int8_target(options))
+    if options.refit == "refit" and not export_options.refit:
+        export_options = replace(export_options, refit=True)
     source, profile = resolve_model(model, profile_path)
     ekey = export_key(source, profile, export_options)
     key = build_key(ekey, backend_identity(options))
@@ -145,6 +156,9 @@ def build_from_export(export_dir: Path, out_dir: Path, options: BuildOptions = B
     options = resolve_options(options)
     check_precisions(options, export["components"])
     backend = backend_identity(options)
+    if options.refit == "refit" and not any("refit" in c for c in export["components"].values()):
+        raise BuildError(f"{export_dir} was not exported refittable, so --refit refit has no weights to swap; "
+                         "re-export it with `kiln export MODEL --refit refit`, or build from the MODEL")
     key = build_key(export["export_key"], backend)
     if not options.force and up_to_date(out_dir, key):
         log.debug("%s is up to date (build key %s); nothing to do", out_dir, key[:12])  # the caller says so, once
@@ -161,9 +175,10 @@ def build_from_export(export_dir: Path, out_dir: Path, options: BuildOptions = B
             engine_file = f"{name}{ENGINE_SUFFIX[options.backend]}"
             files = _engine_from_onnx(export_dir / entry["onnx"], tmp / engine_file, entry, options, backend)
             refit_onnx = _carry_refit_weights(export_dir, entry, tmp, name) if backend.get("strip_plan") else None
+            lora_refit = _carry_base_weights(export_dir, entry, tmp, name) if options.refit == "refit" else None
             seconds = time.perf_counter() - started
             components[name] = component_entry(entry, file=engine_file, files=[p.relative_to(tmp).as_posix() for p in files],
-                                               build_seconds=seconds, refit_onnx=refit_onnx)
+                                               build_seconds=seconds, refit_onnx=refit_onnx, refit=lora_refit)
             engine_parity[name] = _engine_parity(tmp, name, components[name], export_dir / entry["reference"], entry, backend)
             log.info("[%d/%d] %s: built in %.1f s, engine vs PyTorch max |err| %.3g", i, len(names), name, seconds,
                      max(r["max_abs_err"] for r in engine_parity[name]))
@@ -193,7 +208,19 @@ def _build_bytes(export_dir: Path, export: dict, backend: dict) -> int:
 def _engine_from_onnx(onnx: Path, out: Path, entry: dict, options: BuildOptions, backend: dict) -> list[Path]:
     if options.backend == "tensorrt":
         return trt_backend.engine_from_onnx(onnx, out, entry["inputs"], options.tensorrt, backend, options.timing_cache_dir)
-    return ort_backend.engine_from_onnx(onnx, out, ort_backend.OrtTarget(options.device), entry["precision"])
+    return ort_backend.engine_from_onnx(onnx, out, ort_backend.OrtTarget(options.device), entry["precision"],
+                                        options.refit if "refit" in entry else "off")
+
+
+def _carry_base_weights(export_dir: Path, entry: dict, folder: Path, name: str) -> dict | None:
+    """A refittable component's base weights, copied to refit/<name>.safetensors, and its record
+    for the manifest (the export's, naming that file)."""
+    record = entry.get("refit")
+    if record is None:
+        return None
+    (folder / "refit").mkdir(exist_ok=True)
+    shutil.copy2((export_dir / entry["onnx"]).parent / record["weights"], folder / "refit" / f"{name}.safetensors")
+    return {**record, "weights": f"refit/{name}.safetensors"}
 
 
 def _carry_refit_weights(export_dir: Path, entry: dict, folder: Path, name: str) -> str:

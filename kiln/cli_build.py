@@ -19,14 +19,17 @@ from runtime.errors import format_table
 @export_options
 @click.option("--int8-recipe", type=click.Choice(["tensorrt", "ort-cpu"]), default="tensorrt", show_default=True,
               help="int8 recipe when the profile says auto: TensorRT's (symmetric) or ONNX Runtime CPU's (U8S8).")
+@click.option("--refit", type=click.Choice(["off", "refit"]), default="off", show_default=True,
+              help="refit: record the UNet's and text encoders' weights so engines built from it swap LoRAs at run time.")
 def export(model: str, out: Path, profile: str | None, exporter: str, precision, calibration_prompts, int8_recipe,
-           check: str, loras):
+           check: str, loras, refit: str):
     """Export MODEL's components to checked ONNX graphs in OUT (portable: build engines anywhere from it)."""
     from exporters.export import ExportOptions, export_model
     from exporters.resolve import resolve_model
 
     options = ExportOptions(exporter=exporter, check_points=check, precision=precision,
-                            calibration_prompts=calibration_prompts, int8_target=int8_recipe, loras=tuple(loras))
+                            calibration_prompts=calibration_prompts, int8_target=int8_recipe, loras=tuple(loras),
+                            refit=refit == "refit")
     source, resolved = resolve_model(model, profile)
     export_model(source, resolved, out, options)
     click.echo(f"exported {model} to {out}")
@@ -54,7 +57,7 @@ def build(model: str, out: Path, backend: str, device, profile: str | None, expo
     trt_options = TrtOptions(workspace_gib=workspace_gib, optimization_level=optimization_level,
                              hardware_compat=hardware_compat, tf32=tf32, refit=refit, strip_plan=strip_plan,
                              weight_streaming=weight_streaming)
-    options = resolve_options(BuildOptions(backend=backend, device=device, force=force, tensorrt=trt_options))
+    options = resolve_options(BuildOptions(backend=backend, device=device, force=force, tensorrt=trt_options, refit=refit))
     started = time.perf_counter()
     if (Path(model) / "export.json").is_file():
         if profile or precision or calibration_prompts or loras:
@@ -66,7 +69,7 @@ def build(model: str, out: Path, backend: str, device, profile: str | None, expo
 
         export_options = ExportOptions(exporter=exporter, check_points=check, precision=precision,
                                        calibration_prompts=calibration_prompts, int8_target=int8_target(options),
-                                       loras=tuple(loras))
+                                       loras=tuple(loras), refit=refit == "refit")
         result = build_from_model(model, out, options, profile, export_options)
     seconds = time.perf_counter() - started
     if as_json:
@@ -99,6 +102,9 @@ def inspect(folder: Path, as_json: bool):
         ("weights sha256", d["model"]["weights_sha256"][:16]),
         *[("LoRA", f"{lora['source']} at scale {lora['scale']:g} (sha256 {lora['sha256'][:16]})")
           for lora in d["model"].get("loras", [])],
+        *([("LoRA refit", ", ".join(f"{n} ({len(c['refit']['params'])} weights)" for n, c in d["components"].items()
+                                    if "refit" in c) + ": load_lora_weights / set_adapters swap them")]
+          if any("refit" in c for c in d["components"].values()) else []),
         *_generation_rows(d["profile"].get("generation") or {}),
         ("backend", f"{b['name']} {b.get('version', '?')} ({b.get('execution_provider') or b.get('gpu', '-')})"),
         *_tensorrt_rows(b),

@@ -116,7 +116,8 @@ tensorrt_options = options(
                  help="TensorRT: which GPUs the engines may run on besides this GPU's architecture."),
     click.option("--tf32", is_flag=True, help="TensorRT: allow TF32 math in fp32 layers (off: fp32 matches PyTorch)."),
     click.option("--refit", type=click.Choice(["off", "refit", "identical"]), default="off", show_default=True,
-                 help="TensorRT: refittable engines (swap weights without a rebuild)."),
+                 help="refit: engines whose LoRA weights swap at run time without a rebuild (every backend); "
+                      "identical (TensorRT): refit only with the build's own weights."),
     click.option("--strip-plan", is_flag=True,
                  help="TensorRT: plans without weights; the artifact carries the ONNX weights, refit at load."),
     click.option("--weight-streaming", is_flag=True,

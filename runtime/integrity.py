@@ -26,7 +26,9 @@ def check_artifact(manifest: Manifest, components, assets=(), verify: bool = Tru
         raise ArtifactError(f"{folder} has no {', '.join(missing)} engine; rebuild it with them")
     for name in components:
         c = manifest.data["components"][name]
-        for rel in dict.fromkeys([c["file"], *c["files"], *([c["refit_onnx"]] if c.get("refit_onnx") else [])]):
+        extra = [c["refit_onnx"]] if c.get("refit_onnx") else []
+        extra += [c["refit"]["weights"]] if c.get("refit") else []
+        for rel in dict.fromkeys([c["file"], *c["files"], *extra]):
             if rel not in listed:
                 problems.append((rel, f"{name}: a file listed in the manifest", path_problem(folder, rel) or "not listed"))
     for asset in assets:

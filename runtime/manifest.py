@@ -187,7 +187,8 @@ def file_entries(folder: Path, relpaths: list[str]) -> dict[str, dict[str, Any]]
 
 
 def component_entry(export_entry: Mapping[str, Any], *, file: str, files: list[str] | None = None,
-                    build_seconds: float | None = None, refit_onnx: str | None = None) -> dict[str, Any]:
+                    build_seconds: float | None = None, refit_onnx: str | None = None,
+                    refit: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The manifest's record of one engine, from the export's record of the graph it was built
     from (`file`: the engine, relative to the folder the manifest describes)."""
     lowering = {k: export_entry[k] for k in ("int8", "fp16") if k in export_entry}
@@ -195,6 +196,7 @@ def component_entry(export_entry: Mapping[str, Any], *, file: str, files: list[s
         "file": file,
         "files": list(files) if files is not None else [file],
         **({"refit_onnx": refit_onnx} if refit_onnx else {}),
+        **({"refit": dict(refit)} if refit else {}),
         "precision": export_entry["precision"],
         **lowering,
         "onnx_sha256": export_entry["files"]["model.onnx"],

@@ -91,6 +91,17 @@ def _tensor(problems: Problems, t: Any, where: str) -> None:
         _expect(problems, f"{where}.{key}", value, _int_list(value, rank), f"{rank} non-negative ints" if rank else "ints")
 
 
+def _refit_record(value) -> bool:
+    """A LoRA refit record (runtime/refit.py): the module, the base weights file and the weight map."""
+    if not (isinstance(value, Mapping) and _str(value.get("module")) and _str(value.get("weights"))
+            and isinstance(value.get("params"), Mapping)):
+        return False
+    unused = value.get("unused", [])
+    return isinstance(unused, list) and all(_str(p) for p in unused) and all(
+        isinstance(v, list) and len(v) == 2 and _str(v[0]) and v[1] in ("same", "transpose")
+        for v in value["params"].values())
+
+
 def _component(problems: Problems, name: str, c: Any) -> None:
     where = f"components.{name}"
     if not _expect(problems, where, c, isinstance(c, Mapping), "an object"):
@@ -101,7 +112,8 @@ def _component(problems: Problems, name: str, c: Any) -> None:
         "precision": (lambda v: v in PRECISIONS, f"one of {list(PRECISIONS)}"),
         "config": (lambda v: isinstance(v, Mapping), "an object"),
         "refit_onnx": (_str, "a relative path"),
-    }, optional=("refit_onnx",))
+        "refit": (_refit_record, "{module, weights: a relative path, params: {name: [engine name, 'same'|'transpose']}}"),
+    }, optional=("refit_onnx", "refit"))
     for kind in ("inputs", "outputs"):
         tensors = c.get(kind, _MISSING)
         if _expect(problems, f"{where}.{kind}", tensors, isinstance(tensors, list) and bool(tensors), "a non-empty list"):
