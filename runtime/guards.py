@@ -3,9 +3,10 @@ offload or save PyTorch weights have no meaning for engines built for one device
 from __future__ import annotations
 
 from runtime.errors import NotSupportedError
+from runtime.lora_api import EngineLoras
 
 
-class EngineBacked:
+class EngineBacked(EngineLoras):
     """Mixed into every family's pipeline classes (before the diffusers class)."""
 
     def _engine_device(self):
@@ -49,12 +50,6 @@ class EngineBacked:
                                 "with --weight-streaming and load them with weight_streaming_budget=...")
 
     enable_sequential_cpu_offload = enable_model_cpu_offload
-
-    def load_lora_weights(self, *args, **kwargs):
-        raise NotSupportedError("a LoRA is fused into the engines when they are built: build an artifact from the model "
-                                "with the LoRA fused (one artifact per LoRA and scale you serve)")
-
-    fuse_lora = unfuse_lora = set_adapters = load_lora_weights
 
     def enable_vae_slicing(self, *args, **kwargs):
         raise NotSupportedError("the VAE engine decodes the whole batch at the sizes it was built for; VAE slicing and "

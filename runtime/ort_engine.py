@@ -31,19 +31,39 @@ class OrtEngine:
                 f"available: {', '.join(available_providers())}. Install onnxruntime-gpu for CUDA, or rebuild "
                 "the artifact for CPUExecutionProvider"
             )
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.intra_op_num_threads = threads
-        try:
-            self.session = ort.InferenceSession(str(path), options, providers=[provider])
-        except Exception as exc:  # onnxruntime raises its own untyped errors for unreadable models
-            raise ArtifactError(f"onnxruntime could not load {path}: {exc}. Rebuild the artifact") from exc
+        self.path, self.provider, self.threads = Path(path), provider, threads
+        self.session, self._refit_values = self._open({})
         self.info = info
         self.device = torch.device("cuda" if provider == "CUDAExecutionProvider" else "cpu")
         self._ort_device = "cuda" if self.device.type == "cuda" else "cpu"
         self._binding = self.session.io_binding()
         self._outputs: ShapeCache[dict] = ShapeCache()
         self._dtypes = {t.name: t.dtype for t in info.outputs}
+
+    def _open(self, weights: dict) -> tuple:
+        """A session on the engine file, the external initializers named in `weights` replaced by
+        those arrays before any optimization runs (so folds and prepacking see the new values)."""
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = self.threads
+        values = [ort.OrtValue.ortvalue_from_numpy(a) for a in weights.values()]
+        if weights:
+            options.add_external_initializers(list(weights), values)
+        try:
+            session = ort.InferenceSession(str(self.path), options, providers=[self.provider])
+        except Exception as exc:  # onnxruntime raises its own untyped errors for unreadable models
+            if weights:
+                raise ArtifactError(f"onnxruntime could not refit {self.path} with {len(weights)} weights: {exc}. "
+                                    "Rebuild the artifact with --refit refit") from exc
+            raise ArtifactError(f"onnxruntime could not load {self.path}: {exc}. Rebuild the artifact") from exc
+        return session, values  # the session reads the arrays' memory: keep them while it lives
+
+    def refit(self, weights: dict, base=None) -> None:
+        """Swap weights: a new session whose external initializers in `weights` (engine name → array
+        of the engine's dtype and layout) are those arrays and all others the file's (the base);
+        the old session is dropped once the new one is ready."""
+        self.session, self._refit_values = self._open(weights)
+        self._binding = self.session.io_binding()
 
     def __call__(self, **inputs) -> dict:
         import numpy as np

@@ -52,7 +52,9 @@ def pipeline_from_manifest(manifest: Manifest, task: str = "text2img", **engine_
     family = families.get(manifest.family)
     engines = open_engines(manifest, family.components(task), **engine_options)
     try:
-        return family.assemble(task, manifest, engines)
+        pipe = family.assemble(task, manifest, engines)
+        pipe._kiln_engines = engines  # what a LoRA swap refits (runtime/lora_api.py)
+        return pipe
     except (KeyError, AttributeError, TypeError, ValueError) as exc:  # configs the manifest carries are unusable
         raise ArtifactError(f"{manifest.folder}: the {family.name} pipeline could not be assembled from the manifest's "
                             f"component configs ({type(exc).__name__}: {exc}); rebuild the artifact") from exc

@@ -40,8 +40,8 @@ def refuse_unsupported(a: dict) -> None:
     if kwargs:
         raise NotSupportedError(
             "cross_attention_kwargs cannot reach engines" + (f" (a LoRA scale of {scale} at call time)" if scale else "")
-            + ": a LoRA is fused into the engines when they are built, at its scale; build one artifact per LoRA "
-            "and scale you serve")
+            + ": a LoRA is fused into the engines when they are built, at its scale, or (artifacts built with "
+            "--refit refit) swapped in with pipe.set_adapters(names, adapter_weights=...) before the call")
     for name in ("ip_adapter_image", "ip_adapter_image_embeds"):
         if a.get(name) is not None:
             raise NotSupportedError(f"{name}: these engines have no IP-Adapter image projection; it needs a model "

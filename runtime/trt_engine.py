@@ -102,6 +102,35 @@ def refit_from_onnx(engine, onnx_path: Path) -> None:
 # ---- engines ------------------------------------------------------------------------------------
 
 
+def refit_named(engine, weights: Mapping[str, Any], base, component: str) -> None:
+    """trt.Refitter: set_named_weights for each weight, then the base of any weight TensorRT still
+    needs (fused with a changed one), then refit_cuda_engine. The arrays stay referenced until
+    the refit is done (trt.Weights does not copy them)."""
+    if not engine.refittable:
+        raise ArtifactError(f"{component}: this engine is not refittable; rebuild with --refit refit to swap LoRA weights")
+    refitter = trt.Refitter(engine, trt_logger())
+    held = []
+
+    def put(name: str, array) -> None:
+        held.append(array)
+        if not refitter.set_named_weights(name, trt.Weights(array)):
+            raise ArtifactError(f"{component}: TensorRT refused new values for weight {name!r} "
+                                f"({array.dtype}{list(array.shape)}){last_errors()}; rebuild the artifact")
+
+    for name, array in weights.items():
+        put(name, array)
+    missing = list(refitter.get_missing_weights())
+    unknown = [name for name in missing if base is None or base(name) is None]
+    if unknown:
+        raise ArtifactError(f"{component}: TensorRT needs weights the artifact's refit record lacks to refit these: "
+                            f"{', '.join(unknown[:10])}; rebuild with --refit refit")
+    for name in missing:
+        put(name, base(name))
+    if not refitter.refit_cuda_engine():
+        raise ArtifactError(f"{component}: TensorRT could not refit the engine{last_errors()}; weights still missing: "
+                            f"{', '.join(list(refitter.get_missing_weights())[:10]) or 'none reported'}")
+
+
 @dataclass
 class _ShapeState:
     """Buffers (and the CUDA graph, once captured) for one set of input shapes."""
@@ -226,6 +255,17 @@ class TrtEngine:
                         self.info.name, state.shapes, exc)
             return
         state.graph = graph
+
+    def refit(self, weights: Mapping[str, Any], base=None) -> None:
+        """Swap named weights (ONNX initializer name → numpy array of the engine's dtype and
+        layout) in place; drops captured graphs. TensorRT may ask for weights fused with these
+        (get_missing_weights): `base(name)` gives their base values, else the refit is refused."""
+        import torch
+
+        torch.cuda.synchronize(self.device)
+        refit_named(self.engine, weights, base, self.info.name)
+        self._states.clear()
+        self._bound = None
 
     def refit_from_onnx(self, onnx_path: Path) -> None:
         """Swap in the weights of `onnx_path` (same network, new weights); drops captured graphs."""

@@ -4,6 +4,7 @@ tiers: a test that uses a model fixture is marked `model` (and `slow` for the co
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -36,7 +37,7 @@ def _gpu_unavailable() -> str | None:
 # fixtures that export or build a model; the second group takes minutes rather than seconds
 MODEL_FIXTURES = {"tiny_export", "tiny_artifact", "tiny_fp16_export", "tiny_fp16_artifact", "digits_artifact",
                   "digits_lcm_artifact", "tiny_sdxl_artifact", "tiny_sdxl_turbo_artifact", "lora_artifacts",
-                  "streamed_fp16_export"}
+                  "streamed_fp16_export", "refittable"}
 SLOW_FIXTURES = {"sd15_artifact", "artifacts", "tiny_int8_export"}
 
 
@@ -154,6 +155,27 @@ def lora_artifacts(tmp_path_factory) -> dict:
                                   export_options=options).folder
         out[model] = {"lora": lora, "artifact": folder}
     return out
+
+
+@pytest.fixture(scope="session")
+def refittable(tmp_path_factory):
+    """MODEL → its refittable text-to-image artifact (`kiln build MODEL --refit refit`), built once
+    per session, checked against PyTorch at the opt shapes."""
+    from engines.build import build_from_model
+    from exporters.export import ExportOptions
+
+    built = {}
+
+    def build(model: str) -> Path:
+        if model not in built:
+            components = XL_PIPELINE if "sdxl" in model else PIPELINE
+            options = replace(cpu_build_options(), refit="refit")
+            built[model] = build_from_model(model, tmp_path_factory.mktemp("refit") / model, options,
+                                            export_options=ExportOptions(components=components, check_points=("opt",),
+                                                                         refit=True)).folder
+        return built[model]
+
+    return build
 
 
 @pytest.fixture(scope="session")

@@ -77,7 +77,7 @@ def make_fake_tensorrt() -> types.SimpleNamespace:
         def set_shape(self, name, lo, opt, hi):
             record("set_shape", name, tuple(lo), tuple(opt), tuple(hi))
 
-    state = types.SimpleNamespace(parse_ok=True, build_ok=True, engines={})
+    state = types.SimpleNamespace(parse_ok=True, build_ok=True, engines={}, refit_missing=[])
 
     class Builder:
         def __init__(self, logger):
@@ -162,6 +162,31 @@ def make_fake_tensorrt() -> types.SimpleNamespace:
             record("execute_async_v3", stream)
             return True
 
+    class Weights:
+        def __init__(self, array):
+            self.array = array
+
+    class Refitter:
+        """Records set_named_weights / get_missing_weights / refit_cuda_engine; the weights TensorRT
+        would also need are state.refit_missing (once)."""
+
+        def __init__(self, engine, logger):
+            record("Refitter", engine.spec["name"])
+            self.missing = list(state.refit_missing)
+
+        def set_named_weights(self, name, weights):
+            record("set_named_weights", name, str(weights.array.dtype), tuple(weights.array.shape))
+            self.missing = [m for m in self.missing if m != name]
+            return True
+
+        def get_missing_weights(self):
+            record("get_missing_weights")
+            return list(self.missing)
+
+        def refit_cuda_engine(self):
+            record("refit_cuda_engine")
+            return not self.missing
+
     class Runtime:
         def __init__(self, logger):
             pass
@@ -176,6 +201,7 @@ def make_fake_tensorrt() -> types.SimpleNamespace:
     module = types.SimpleNamespace(
         __version__="11.4.0.106",
         ILogger=ILogger, IProgressMonitor=IProgressMonitor, Builder=Builder, OnnxParser=OnnxParser, Runtime=Runtime,
+        Refitter=Refitter, Weights=Weights,
         OnnxParserFlag=enum("OnnxParserFlag", "NATIVE_INSTANCENORM"),
         MemoryPoolType=enum("MemoryPoolType", "WORKSPACE"),
         BuilderFlag=enum("BuilderFlag", "TF32", "REFIT", "REFIT_IDENTICAL", "STRIP_PLAN", "WEIGHT_STREAMING"),

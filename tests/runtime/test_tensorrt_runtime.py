@@ -245,3 +245,35 @@ def test_cuda_graphs_capture_once_per_shape_and_replay(fake_tensorrt, tmp_path, 
     spec["output_shapes"] = {"text_embeddings": (1, 77, 32)}
     assert run(one) == bind + ["execute_async_v3"]
     assert run(one) == ["replay"]
+
+
+def test_lora_refit_sets_named_weights_then_what_tensorrt_still_needs(fake_tensorrt, tmp_path, on_cpu, monkeypatch):
+    """TrtEngine.refit: trt.Refitter, set_named_weights per changed weight, get_missing_weights,
+    the base value of each weight TensorRT still needs (one fused with a changed weight), then
+    refit_cuda_engine; captured CUDA graph states are dropped."""
+    import numpy as np
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    manifest = _trt_artifact(tmp_path, fake_tensorrt, refittable=True)
+    engine = load_engines(manifest.folder, manifest.backend, {"unet": manifest.components["unet"]},
+                          cuda_graphs=False)["unet"]
+    fake_tensorrt.state.refit_missing = ["unet.fused.bias"]
+    fake_tensorrt.calls.clear()
+    new = np.ones((4, 3), dtype=np.float16)
+    engine.refit({"unet.to_q.weight": new}, base=lambda name: np.zeros(4, np.float16) if name == "unet.fused.bias" else None)
+    assert fake_tensorrt.calls == [
+        ("Refitter", "unet"), ("set_named_weights", "unet.to_q.weight", "float16", (4, 3)), ("get_missing_weights",),
+        ("set_named_weights", "unet.fused.bias", "float16", (4,)), ("refit_cuda_engine",)]
+    with pytest.raises(ArtifactError, match=r"needs weights the artifact's refit record lacks.*unet\.fused\.bias"):
+        engine.refit({"unet.to_q.weight": new}, base=lambda name: None)
+
+
+def test_lora_refit_of_an_engine_built_without_refit_is_refused(fake_tensorrt, tmp_path, on_cpu, monkeypatch):
+    import numpy as np
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    manifest = _trt_artifact(tmp_path, fake_tensorrt)
+    engine = load_engines(manifest.folder, manifest.backend, {"unet": manifest.components["unet"]},
+                          cuda_graphs=False)["unet"]
+    with pytest.raises(ArtifactError, match="not refittable; rebuild with --refit refit"):
+        engine.refit({"w": np.ones(2, np.float32)})
