@@ -62,8 +62,8 @@ def read_lora(pipeline_cls, source, name: str, modules: Mapping[str, set], **kwa
     """Read `source` (a file, folder, hub id or state dict, as load_lora_weights takes it) with
     `pipeline_cls.lora_state_dict`, keeping the keys of `modules` (the pipeline's LoRA-loadable
     ones, each with the weight names its engine holds: a text encoder without the `text_model.`
-    level of older transformers gets keys without it, as diffusers does). A LoRA with keys for no module, or of a kind a refit cannot merge (DoRA, LoKr, LoRA
-    biases), is a LoraError."""
+    level of newer transformers gets keys without it, as diffusers does). A LoRA with keys for no
+    module, or of a kind a refit cannot merge (DoRA, LoKr, LoRA biases), is a LoraError."""
     try:
         import peft  # noqa: F401
     except ImportError as exc:
@@ -74,7 +74,7 @@ def read_lora(pipeline_cls, source, name: str, modules: Mapping[str, set], **kwa
     try:
         with quiet("diffusers", "peft", "transformers"):
             state, alphas, metadata = pipeline_cls.lora_state_dict(source, return_lora_metadata=True, **kwargs)
-    except (OSError, ValueError, KeyError, TypeError, EnvironmentError) as exc:
+    except (OSError, ValueError, KeyError, TypeError) as exc:
         raise LoraError(f"could not read LoRA {label}: {type(exc).__name__}: {exc}. Give a .safetensors file, a folder "
                         "holding pytorch_lora_weights.safetensors (or weight_name=...), or a hub id", field="lora") from exc
     factors = {}

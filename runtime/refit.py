@@ -103,8 +103,9 @@ class RefitSet:
                     problems.append(f"{module}.{param} (not a weight this artifact recorded for refit)")
                     continue
                 shape = component.shape(param)
-                if tuple(factor.delta_shape()) != shape:
-                    problems.append(f"{module}.{param} (the LoRA's change is {list(factor.delta_shape())}, the weight {list(shape)})")
+                change = list(factor.delta_shape())
+                if tuple(change) != shape:
+                    problems.append(f"{module}.{param} (the LoRA's change is {change}, the weight {list(shape)})")
         if problems:
             raise LoraError(f"LoRA {lora.name} ({lora.source}) changes weights this artifact cannot refit: "
                             + "; ".join(problems[:8]) + (f"; and {len(problems) - 8} more" if len(problems) > 8 else "")
