@@ -115,7 +115,7 @@ def ensure_builtin(name: str) -> Path:
 def _build_pipeline(recipe: TinyRecipe):
     import diffusers
     import torch
-    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     tokenizer = build_tokenizer()
@@ -140,19 +140,7 @@ def _build_pipeline(recipe: TinyRecipe):
         unet.conv_out.weight.mul_(UNET_OUTPUT_SCALE)
         unet.conv_out.bias.mul_(UNET_OUTPUT_SCALE)
     torch.manual_seed(recipe.seed + 1)
-    # Four blocks, as in SD, so that latents are 1/8 of the image size.
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=recipe.vae_channels,
-        layers_per_block=recipe.vae_layers,
-        latent_channels=4,
-        norm_num_groups=recipe.vae_groups,
-        sample_size=recipe.sample_size * 8,
-        scaling_factor=0.18215,
-    )
+    vae = tiny_vae(recipe.vae_channels, recipe.vae_layers, recipe.vae_groups, recipe.sample_size * 8, 0.18215)
     torch.manual_seed(recipe.seed + 2)
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
@@ -195,6 +183,17 @@ def _build_pipeline(recipe: TinyRecipe):
         feature_extractor=None,
         requires_safety_checker=False,
     )
+
+
+def tiny_vae(channels, layers: int, groups: int, sample_size: int, scaling_factor: float, **config):
+    """A small AutoencoderKL with four blocks, as in SD, so that latents are 1/8 of the image size
+    (built from the current torch seed)."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                         up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=tuple(channels),
+                         layers_per_block=layers, latent_channels=4, norm_num_groups=groups, sample_size=sample_size,
+                         scaling_factor=scaling_factor, **config)
 
 
 def build_tokenizer(pad_token: str = "<|endoftext|>"):

@@ -35,7 +35,6 @@ RECIPES = {
 def build_xl_pipeline(recipe: TinyXLRecipe):
     import torch
     from diffusers import (
-        AutoencoderKL,
         EulerAncestralDiscreteScheduler,
         EulerDiscreteScheduler,
         StableDiffusionXLPipeline,
@@ -43,7 +42,7 @@ def build_xl_pipeline(recipe: TinyXLRecipe):
     )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from exporters.builtin import UNET_OUTPUT_SCALE, build_tokenizer
+    from exporters.builtin import UNET_OUTPUT_SCALE, build_tokenizer, tiny_vae
 
     torch.manual_seed(recipe.seed)
     unet = UNet2DConditionModel(
@@ -67,19 +66,7 @@ def build_xl_pipeline(recipe: TinyXLRecipe):
         unet.conv_out.weight.mul_(UNET_OUTPUT_SCALE)
         unet.conv_out.bias.mul_(UNET_OUTPUT_SCALE)
     torch.manual_seed(recipe.seed + 1)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 16, 32, 32),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=recipe.sample_size * 8,
-        scaling_factor=0.13025,
-        force_upcast=True,
-    )
+    vae = tiny_vae((8, 16, 32, 32), 1, 8, recipe.sample_size * 8, 0.13025, force_upcast=True)
     tokenizer, tokenizer_2 = build_tokenizer(), build_tokenizer(pad_token="!")
     encoders = []
     for i, (cls, hidden) in enumerate(zip((CLIPTextModel, CLIPTextModelWithProjection), recipe.text_hidden)):

@@ -30,7 +30,8 @@ def config_of(attr: str) -> Callable[[Any], dict]:
 # ---- text encoder ---------------------------------------------------------------------------------
 
 
-def _wrap_clip_text(attr: str):
+def _wrap_clip(attr: str, pick):
+    """pipe → a module taking input_ids (any int type) and returning pick(text encoder, int64 ids)."""
     def wrap(pipe):
         import torch
 
@@ -40,11 +41,15 @@ def _wrap_clip_text(attr: str):
                 self.text_encoder = text_encoder
 
             def forward(self, input_ids):
-                return self.text_encoder(input_ids.to(torch.int64), return_dict=False)[0]
+                return pick(self.text_encoder, input_ids.to(torch.int64))
 
         return TextEncoder(getattr(pipe, attr)).eval()
 
     return wrap
+
+
+def _last_hidden_state(encoder, ids):
+    return encoder(ids, return_dict=False)[0]
 
 
 def clip_text_encoder(dims: ModelDims, name: str = "text_encoder") -> ComponentSpec:
@@ -53,7 +58,7 @@ def clip_text_encoder(dims: ModelDims, name: str = "text_encoder") -> ComponentS
         name=name,
         inputs=(TensorSpec("input_ids", "int32", ("batch", dims.max_tokens), ("int", 0, dims.vocab_size)),),
         outputs=(TensorSpec("text_embeddings", "float32", ("batch", dims.max_tokens, dims.text_hidden_size)),),
-        wrap=_wrap_clip_text(name),
+        wrap=_wrap_clip(name, _last_hidden_state),
         config_of=config_of(name),
         atol=1e-4,
         rtol=1e-4,
@@ -61,25 +66,13 @@ def clip_text_encoder(dims: ModelDims, name: str = "text_encoder") -> ComponentS
     )
 
 
-def _wrap_clip_hidden(attr: str, pooled: bool, layer: int):
-    def wrap(pipe):
-        import torch
+def _hidden_states(pooled: bool, layer: int):
+    """pick for _wrap_clip: (pooled projection,) hidden states of layer `layer` (SDXL's penultimate)."""
+    def pick(encoder, ids):
+        out = encoder(ids, output_hidden_states=True, return_dict=True)
+        return (out.text_embeds, out.hidden_states[layer]) if pooled else out.hidden_states[layer]
 
-        class TextEncoder(torch.nn.Module):
-            """input_ids → (pooled projection,) hidden states of layer `layer` (SDXL's penultimate)."""
-
-            def __init__(self, text_encoder):
-                super().__init__()
-                self.text_encoder = text_encoder
-
-            def forward(self, input_ids):
-                out = self.text_encoder(input_ids.to(torch.int64), output_hidden_states=True, return_dict=True)
-                hidden = out.hidden_states[layer]
-                return (out.text_embeds, hidden) if pooled else hidden
-
-        return TextEncoder(getattr(pipe, attr)).eval()
-
-    return wrap
+    return pick
 
 
 def clip_hidden_states(name: str, *, tokens: int, vocab: int, hidden: int, pooled: int = 0,
@@ -94,7 +87,7 @@ def clip_hidden_states(name: str, *, tokens: int, vocab: int, hidden: int, poole
         name=name,
         inputs=(TensorSpec("input_ids", "int32", ("batch", tokens), ("int", 0, vocab)),),
         outputs=outputs,
-        wrap=_wrap_clip_hidden(name, bool(pooled), layer),
+        wrap=_wrap_clip(name, _hidden_states(bool(pooled), layer)),
         config_of=config_of(name),
         atol=1e-4,
         rtol=1e-4,

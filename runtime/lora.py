@@ -70,7 +70,7 @@ def read_lora(pipeline_cls, source, name: str, modules: Mapping[str, set], **kwa
         raise MissingDependencyError("loading LoRAs needs peft: pip install peft") from exc
     from runtime.quiet import quiet
 
-    label = source if isinstance(source, str) else f"state dict ({len(source)} keys)"
+    label = f"state dict ({len(source)} keys)" if isinstance(source, Mapping) else str(source)
     try:
         with quiet("diffusers", "peft", "transformers"):
             state, alphas, metadata = pipeline_cls.lora_state_dict(source, return_lora_metadata=True, **kwargs)
