@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from kiln.params import ByteSize, CommaList
+from kiln.params import ByteSize, CommaList, NamedLoraParam
 from kiln.text import plural
 from runtime.errors import format_table
 
@@ -167,11 +167,13 @@ def _check_generate(prompt: str, init_image, strength, height, width, output: Pa
               help="--schedulers: DDIM steps of the reference image.")
 @click.option("--unet-step", "unet_step", is_flag=True,
               help="Instead: one UNet step of each FOLDER's engine (e.g. fp32, fp16, int8 builds), alternating.")
+@click.option("--lora", "lora", default=None, metavar="FILE_OR_HUB_ID",
+              help="Time swapping this LoRA into a refittable artifact, beside a rebuild and a pipeline call.")
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), help="Write a PNG plot (needs matplotlib).")
 @click.option("--save", type=click.Path(dir_okay=False, path_type=Path), help="Also write the JSON report to this file.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def bench(folders, baseline, batches, steps, runs, height, width, sweep, step_counts, journey, reference_steps, unet_step,
-          plot, save, as_json):
+          lora, plot, save, as_json):
     """Benchmark the engines in FOLDERS: against PyTorch per stage (one folder), the scheduler sweep,
     or one UNet step of several artifacts side by side (--unet-step)."""
     from kiln.bench import report as fmt
@@ -179,16 +181,20 @@ def bench(folders, baseline, batches, steps, runs, height, width, sweep, step_co
     from kiln.bench.sweep import scheduler_sweep
     from kiln.bench.unet_step import unet_step_bench
 
-    if sum(map(bool, (sweep, unet_step, journey))) > 1:
-        raise click.UsageError("--schedulers, --journey and --unet-step are different benchmarks; pick one")
+    if sum(map(bool, (sweep, unet_step, journey, lora))) > 1:
+        raise click.UsageError("--schedulers, --journey, --unet-step and --lora are different benchmarks; pick one")
     if len(folders) > 1 and not unet_step:
         raise click.UsageError("several FOLDERS are compared only with --unet-step")
-    if plot and unet_step:
-        raise click.UsageError("--plot draws the stage benchmark and the scheduler sweep, not --unet-step")
+    if plot and (unet_step or lora):
+        raise click.UsageError("--plot draws the stage benchmark and the scheduler sweep, not --unet-step or --lora")
     options = BenchOptions(baseline="none" if sweep or unet_step else baseline,
                            batches=batches or ((2,) if unet_step else (1,)), steps=steps,
                            runs=runs or (30 if unet_step else 3), height=height, width=width)
-    if journey:
+    if lora:
+        from kiln.bench.lora_swap import format_lora_swap, lora_swap_bench
+
+        report, text, draw = lora_swap_bench(folders[0], lora, runs=runs or 5, steps=steps), format_lora_swap, None
+    elif journey:
         from kiln.bench.journey import format_journey, plot_journey, run_journey
 
         report, text, draw = run_journey(folders[0], journey, runs=runs or 5), format_journey, plot_journey
@@ -233,8 +239,13 @@ def bench(folders, baseline, batches, steps, runs, height, width, sweep, step_co
 @click.option("--replicas", default=1, show_default=True, type=click.IntRange(1, 1024), help="--ray: replicas.")
 @click.option("--gpus-per-replica", default=None, type=click.FloatRange(min=0),
               help="--ray: GPUs each replica takes (default: 1 when the Ray cluster has GPUs, else 0).")
+@click.option("--lora", "loras", type=NamedLoraParam(), multiple=True, metavar="NAME=FILE_OR_HUB_ID[:SCALE]",
+              help="Register a LoRA requests may name (\"loras\": {\"NAME\": weight} or [\"NAME\"] at SCALE, default 1); "
+                   "repeatable; the artifact must be built with --refit refit.")
+@click.option("--lora-cache", default=4, show_default=True, type=click.IntRange(min=1),
+              help="Merged LoRA sets kept in memory (switching back to one costs only the engine swap).")
 def serve(folder: Path, host, port, max_batch, max_wait_ms, max_queue, request_timeout, drain_timeout, hang_timeout,
-          api_key, truncate_prompts, log_json, use_ray, replicas, gpus_per_replica):
+          api_key, truncate_prompts, log_json, use_ray, replicas, gpus_per_replica, loras, lora_cache):
     """Serve the engines in FOLDER over HTTP: POST /v1/images, GET /healthz, /readyz, /metrics."""
     from runtime.lazy import lazy_import
 
@@ -245,7 +256,8 @@ def serve(folder: Path, host, port, max_batch, max_wait_ms, max_queue, request_t
         ray_serve.start(http_options={"host": host, "port": port, "request_timeout_s": request_timeout})
         options = RayOptions(max_batch=max_batch, max_wait=max_wait_ms / 1000, num_replicas=replicas,
                              max_queued_requests=max_queue, gpus_per_replica=gpus_per_replica,
-                             truncate_prompts=truncate_prompts, hang_timeout=hang_timeout)
+                             truncate_prompts=truncate_prompts, hang_timeout=hang_timeout, loras=tuple(loras),
+                             lora_cache=lora_cache)
         ray_serve.run(kiln_app(str(folder), options), route_prefix="/v1/images", blocking=True)
         return
     from runtime.server import ServeOptions
@@ -258,7 +270,7 @@ def serve(folder: Path, host, port, max_batch, max_wait_ms, max_queue, request_t
     run_server(folder, ServeOptions(host=host, port=port, max_batch=max_batch, max_wait=max_wait_ms / 1000,
                                     max_queue=max_queue, request_timeout=request_timeout, drain_timeout=drain_timeout,
                                     hang_timeout=hang_timeout, api_key=api_key, truncate_prompts=truncate_prompts,
-                                    log_json=log_json))
+                                    log_json=log_json, loras=tuple(loras), lora_cache=lora_cache))
 
 
 @click.command()

@@ -80,6 +80,22 @@ class LoraParam(click.ParamType):
             self.fail(str(exc), param, ctx)
 
 
+class NamedLoraParam(click.ParamType):
+    """--lora NAME=FILE_OR_HUB_ID[:SCALE] → (name, source, scale): a LoRA a service registers."""
+
+    name = "named_lora"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        name, sep, rest = value.partition("=")
+        if not sep or not name.strip() or not rest:
+            self.fail(f"expected NAME=FILE_OR_HUB_ID[:SCALE] (e.g. style=./style.safetensors:0.8), got {value!r}",
+                      param, ctx)
+        source, scale = LoraParam().convert(rest, param, ctx)
+        return name.strip(), source, scale
+
+
 def options(*decorators):
     """Several click options as one decorator, applied in the order listed."""
 

@@ -9,6 +9,7 @@ MAX_PROMPT_CHARS = 2000
 MAX_STEPS = 200
 MAX_GUIDANCE = 30.0
 MAX_SEED = 2**63 - 1
+MAX_LORAS = 16
 
 
 def image_request_model(manifest):
@@ -36,6 +37,8 @@ def image_request_model(manifest):
         guidance_scale: float | None = Field(default=None, ge=0, le=MAX_GUIDANCE)
         seed: int = Field(default=0, ge=0, le=MAX_SEED)
         scheduler: str | None = Field(default=None, max_length=100)
+        # LoRAs the service registered (kiln serve --lora NAME=PATH): {name: weight}, or names at their default weight
+        loras: dict[str, float] | list[str] | None = Field(default=None, max_length=MAX_LORAS)
 
         @field_validator("height", "width")
         @classmethod
@@ -56,7 +59,7 @@ def image_request_model(manifest):
             return value
 
         def to_request(self) -> ImageRequest:
-            return ImageRequest(**self.model_dump())
+            return ImageRequest(**{**self.model_dump(), "loras": self.loras or ()})
 
     # the fields the artifact's family takes beyond SD's (SDXL: prompt_2, the size conditions): the
     # others stay unknown, so that a body naming them is refused like any unknown field

@@ -1,6 +1,6 @@
 """Dynamic batching for a loaded pipeline (asyncio).
 
-Requests that can share one engine call (same size, steps, guidance and scheduler) are collected
+Requests that can share one engine call (same size, steps, guidance, scheduler and LoRA set) are collected
 until `max_batch` of them are waiting or `max_wait` seconds have passed since the first, then run
 as one pipeline call in which every request keeps its own prompt, negative prompt and seeded
 generator, so its image is the one it would get alone. Groups are split at the artifact's max batch.
@@ -54,6 +54,9 @@ class ImageRequest:
     original_size: tuple[int, int] | None = None
     crops_coords_top_left: tuple[int, int] | None = None
     target_size: tuple[int, int] | None = None
+    # the LoRA set, as (name, weight) pairs of LoRAs the service registered (runtime/lora_serving.py);
+    # a list of names or a {name: weight} dict is accepted and made into pairs by normalize_request
+    loras: Any = ()
 
     # set by normalize_request where the pipeline encodes a missing negative prompt as zeros (SDXL's
     # force_zeros_for_empty_prompt), not as "": such requests cannot share a call with ones that have one
@@ -281,6 +284,7 @@ def normalize_request(pipe, request: ImageRequest, truncate_prompts: bool = Fals
     the engines (size range and multiple, steps, scheduler name, prompt length unless
     `truncate_prompts`); raises the error that request alone deserves (a RequestError naming the field)."""
     from runtime import families
+    from runtime.lora_serving import request_loras
     from runtime.requests import check_request
     from runtime.schedulers import scheduler_from_name
 
@@ -291,6 +295,7 @@ def normalize_request(pipe, request: ImageRequest, truncate_prompts: bool = Fals
                       steps=defaults["steps"] if request.steps is None else request.steps,
                       guidance_scale=defaults["guidance_scale"] if request.guidance_scale is None else request.guidance_scale)
     check_request(pipe.manifest, height=height, width=width, batch=1)
+    request = replace(request, loras=request_loras(pipe, request.loras))
     if request.negative_prompt and not family.negative_prompt:
         raise RequestError(f"this model ({pipe.manifest.family}) takes no negative prompt; leave it out",
                            field="negative_prompt")
@@ -348,12 +353,14 @@ def generate_images(pipe, requests: list[ImageRequest], base_scheduler_config):
     may pass them as built."""
     import torch
 
+    from runtime.lora_serving import apply_loras
     from runtime.schedulers import scheduler_from_name
 
     requests = [normalize_request(pipe, r, truncate_prompts=True) for r in requests]  # length: the caller's policy
     r0 = requests[0]
     if any(r.group_key() != r0.group_key() for r in requests):
-        raise RequestError("requests of different size, steps, guidance or scheduler cannot share one call")
+        raise RequestError("requests of different size, steps, guidance, scheduler or LoRAs cannot share one call")
+    apply_loras(pipe, r0.loras)  # the engines hold this set's weights (a no-op when they already do)
     # None is the artifact's own scheduler, whatever an earlier batch switched to
     pipe.scheduler = scheduler_from_name(r0.scheduler or base_scheduler_config["_class_name"], base_scheduler_config)
     negative = [r.negative_prompt or "" for r in requests]

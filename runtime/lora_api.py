@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from runtime.errors import NotSupportedError, RequestError
-from runtime.refit import DEFAULT_CACHE, RefitSet
+from runtime.refit import RefitSet
 
 NOT_REFITTABLE = ("these engines were built without --refit refit, so their weights cannot change: rebuild with "
                   "kiln build MODEL --refit refit to load LoRAs at run time, or fuse one at build with --lora FILE")
@@ -23,7 +23,7 @@ class EngineLoras:
         state = self.__dict__.get("_kiln_lora")
         if state is None:
             engines = self.__dict__.get("_kiln_engines") or {}
-            refit = RefitSet(self.manifest, engines, self.__dict__.get("_kiln_lora_cache", DEFAULT_CACHE))
+            refit = RefitSet(self.manifest, engines)
             if not refit.components:
                 raise NotSupportedError(NOT_REFITTABLE)
             state = self.__dict__["_kiln_lora"] = {"refit": refit, "loras": {}, "active": [], "enabled": True}

@@ -203,6 +203,7 @@ def component_entry(export_entry: Mapping[str, Any], *, file: str, files: list[s
         "inputs": export_entry["inputs"],
         "outputs": export_entry["outputs"],
         "config": export_entry["config"],
+        **({"export_seconds": export_entry["export_seconds"]} if "export_seconds" in export_entry else {}),
         **({"build_seconds": round(build_seconds, 2)} if build_seconds is not None else {}),
     }
 

@@ -58,3 +58,9 @@ class _BatcherCollector:
             batches.add_metric([str(size)], count)
         yield batches
         yield GaugeMetricFamily("kiln_queue_depth", "Requests waiting for a batch", value=batcher.depth if batcher else 0)
+        from runtime.lora_serving import swap_counts
+
+        swaps, seconds = (swap_counts(batcher.pipe) if batcher is not None else None) or (0, 0.0)
+        yield CounterMetricFamily("kiln_lora_swaps", "LoRA set changes swapped into the engines", value=swaps)
+        yield CounterMetricFamily("kiln_lora_swap_seconds", "Seconds spent swapping LoRA weights into the engines",
+                                  value=seconds)

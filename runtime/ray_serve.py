@@ -32,6 +32,8 @@ class RayOptions:
     gpus_per_replica: float | None = None  # None: 1 when the Ray cluster has GPUs, else 0
     truncate_prompts: bool = False
     hang_timeout: float = 300.0  # one batch running longer fails the replica's health check
+    loras: tuple = ()  # ((name, file or hub id, default weight), ...), as ServeOptions.loras
+    lora_cache: int = 4
 
 
 def _options(options: RayOptions | None, overrides: dict) -> RayOptions:
@@ -82,9 +84,11 @@ def kiln_deployment(*args, options: RayOptions | None = None, **overrides):
             from runtime.api import image_request_model
             from runtime.batcher import counting_tokenizer
             from runtime.health import Health
+            from runtime.lora_serving import register_loras
             from runtime.pipeline import load_pipeline
 
             self.pipe = load_pipeline(folder)
+            register_loras(self.pipe, options.loras, options.lora_cache)
             self.pipe.set_progress_bar_config(disable=True)
             counting_tokenizer(self.pipe)  # requests are checked on the event loop while a thread generates
             self.body_model = image_request_model(self.pipe.manifest)

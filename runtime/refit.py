@@ -155,5 +155,5 @@ class RefitSet:
         seconds = time.perf_counter() - started
         self.swaps += 1
         self.swap_seconds += seconds
-        log.info("LoRA swap to %s in %.2f s", ", ".join(f"{n}={w}" for n, w in key) or "the base weights", seconds)
+        log.debug("LoRA swap to %s in %.3f s", "; ".join(f"{n} {dict(w)}" for n, w in key) or "the base weights", seconds)
         return seconds

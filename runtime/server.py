@@ -1,6 +1,6 @@
 """The HTTP service: `kiln serve DIR` (FastAPI + uvicorn), one pipeline behind one batcher.
 
-POST /v1/images  JSON {prompt, negative_prompt, height, width, steps, guidance_scale, seed, scheduler}
+POST /v1/images  JSON {prompt, negative_prompt, height, width, steps, guidance_scale, seed, scheduler, loras}
                  → image/png when the Accept header asks for it, else JSON {"image": base64 PNG, ...}
 GET  /healthz    liveness: 200 unless the worker hangs or an engine failed beyond repair
 GET  /readyz     readiness: 200 once the pipeline is loaded, 503 while loading or draining
@@ -42,6 +42,8 @@ class ServeOptions:
     truncate_prompts: bool = False  # cut prompts to the text encoder's length instead of refusing them
     log_json: bool = False
     max_body_bytes: int = MAX_BODY_BYTES
+    loras: tuple = ()  # ((name, file or hub id, default weight), ...): requests may name them (runtime/lora_serving.py)
+    lora_cache: int = 4  # merged LoRA sets kept
 
 
 def drain_budget(drain_timeout: float) -> tuple[float, float]:
@@ -113,6 +115,12 @@ def create_app(folder, options: ServeOptions = ServeOptions(), pipe=None, on_fat
             if on_fatal is not None:
                 on_fatal(reason)
 
+    def prepare(loaded):
+        from runtime.lora_serving import register_loras
+
+        register_loras(loaded, options.loras, options.lora_cache)
+        return loaded
+
     def start(loaded) -> None:
         loaded.set_progress_bar_config(disable=True)
         batcher = Batcher(loaded, options.max_batch, options.max_wait, options.max_queue, options.truncate_prompts)
@@ -126,7 +134,7 @@ def create_app(folder, options: ServeOptions = ServeOptions(), pipe=None, on_fat
         from runtime.pipeline import load_pipeline
 
         try:
-            loaded = await asyncio.to_thread(load_pipeline, folder)
+            loaded = await asyncio.to_thread(lambda: prepare(load_pipeline(folder)))
         except Exception as exc:  # the artifact or engines are unusable: the service cannot start
             health.load_error = str(exc)
             fail(f"the pipeline could not be loaded: {exc}")
@@ -137,7 +145,7 @@ def create_app(folder, options: ServeOptions = ServeOptions(), pipe=None, on_fat
     async def lifespan(app):
         loading = None
         if pipe is not None:
-            start(pipe)
+            start(prepare(pipe))
         else:
             loading = asyncio.create_task(load())
         yield

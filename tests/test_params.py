@@ -1,11 +1,11 @@
-"""The click parameter types kiln's commands share: comma lists and byte sizes."""
+"""The click parameter types kiln's commands share: comma lists, byte sizes and served LoRAs."""
 from __future__ import annotations
 
 import click
 import pytest
 from click.testing import CliRunner
 
-from kiln.params import ByteSize, CommaList
+from kiln.params import ByteSize, CommaList, NamedLoraParam
 
 
 @click.command()
@@ -66,3 +66,17 @@ def test_requests_without_a_negative_prompt_that_sdxl_zeroes_do_not_share_a_call
     zeroed = replace(ImageRequest("a"), zero_negative=True)  # as normalize_request marks them for SDXL
     assert zeroed.group_key() != ImageRequest("a", negative_prompt="b").group_key()
     assert ImageRequest("a").group_key() == ImageRequest("b", negative_prompt="d").group_key()  # SD: "" is the same
+
+
+@click.command()
+@click.option("--lora", "loras", type=NamedLoraParam(), multiple=True)
+def serve_probe(loras):
+    click.echo(repr(loras))
+
+
+def test_named_loras_for_serving():
+    r = CliRunner().invoke(serve_probe, ["--lora", "style=./s.safetensors:0.8", "--lora", "detail=org/detail"])
+    assert r.exit_code == 0 and r.output.strip() == repr((("style", "./s.safetensors", 0.8), ("detail", "org/detail", 1.0)))
+    for bad in ("./s.safetensors", "=x.safetensors", "style="):
+        r = CliRunner().invoke(serve_probe, ["--lora", bad])
+        assert r.exit_code == 2 and "expected NAME=FILE_OR_HUB_ID[:SCALE]" in r.output
