@@ -67,20 +67,22 @@ def kiln_cache(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_export(tmp_path_factory) -> Path:
-    """`kiln export tiny`: the SD 2.1-shaped model's checked ONNX folder."""
-    from exporters.export import export_model
+    """`kiln export tiny --refit refit`: the SD 2.1-shaped model's checked ONNX folder, its UNet's and
+    text encoder's weights recorded for LoRA refits (builds without --refit ignore the record)."""
+    from exporters.export import ExportOptions, export_model
     from exporters.resolve import resolve_model
 
     source, profile = resolve_model("tiny")
-    return export_model(source, profile, tmp_path_factory.mktemp("export") / "tiny")
+    return export_model(source, profile, tmp_path_factory.mktemp("export") / "tiny", ExportOptions(refit=True))
 
 
 @pytest.fixture(scope="session")
 def tiny_artifact(tiny_export, tmp_path_factory) -> Path:
-    """`kiln build <export folder>`: ONNX Runtime engines for tiny."""
+    """`kiln build <export folder> --refit refit`: ONNX Runtime engines for tiny, LoRAs swappable."""
     from engines.build import build_from_export
 
-    return build_from_export(tiny_export, tmp_path_factory.mktemp("artifacts") / "tiny", cpu_build_options()).folder
+    return build_from_export(tiny_export, tmp_path_factory.mktemp("artifacts") / "tiny",
+                             replace(cpu_build_options(), refit="refit")).folder
 
 
 @pytest.fixture(scope="session")
@@ -141,7 +143,8 @@ def tiny_sdxl_turbo_artifact(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def lora_artifacts(tmp_path_factory) -> dict:
     """Per model (tiny-sd15, tiny-sdxl): a seeded random LoRA (tests/loras.py) and text-to-image
-    engines built with it fused at scale 0.8 (`kiln build MODEL --lora FILE:0.8`)."""
+    engines built with it fused at scale 0.8, refittable (`kiln build MODEL --lora FILE:0.8 --refit
+    refit`): the fused LoRA is part of the base weights other LoRAs are swapped onto."""
     from engines.build import build_from_model
     from exporters.builtin import ensure_builtin
     from exporters.export import ExportOptions
@@ -150,32 +153,24 @@ def lora_artifacts(tmp_path_factory) -> dict:
     out = {}
     for model, components in (("tiny-sd15", PIPELINE), ("tiny-sdxl", XL_PIPELINE)):
         lora = make_lora(ensure_builtin(model), tmp_path_factory.mktemp("lora") / model, seed=5)
-        options = ExportOptions(components=components, check_points=("opt",), loras=((str(lora), 0.8),))
-        folder = build_from_model(model, tmp_path_factory.mktemp("artifacts") / f"{model}-lora", cpu_build_options(),
-                                  export_options=options).folder
+        options = ExportOptions(components=components, check_points=("opt",), loras=((str(lora), 0.8),), refit=True)
+        folder = build_from_model(model, tmp_path_factory.mktemp("artifacts") / f"{model}-lora",
+                                  replace(cpu_build_options(), refit="refit"), export_options=options).folder
         out[model] = {"lora": lora, "artifact": folder}
     return out
 
 
 @pytest.fixture(scope="session")
-def refittable(tmp_path_factory):
-    """MODEL → its refittable text-to-image artifact (`kiln build MODEL --refit refit`), built once
-    per session, checked against PyTorch at the opt shapes."""
-    from engines.build import build_from_model
-    from exporters.export import ExportOptions
+def refittable(request):
+    """MODEL → its refittable text-to-image artifact, from the session's builds: tiny's artifact, and
+    for tiny-sd15 and tiny-sdxl lora_artifacts' (a LoRA fused at 0.8 under the ones swapped in)."""
 
-    built = {}
+    def get(model: str) -> Path:
+        if model == "tiny":
+            return request.getfixturevalue("tiny_artifact")
+        return request.getfixturevalue("lora_artifacts")[model]["artifact"]
 
-    def build(model: str) -> Path:
-        if model not in built:
-            components = XL_PIPELINE if "sdxl" in model else PIPELINE
-            options = replace(cpu_build_options(), refit="refit")
-            built[model] = build_from_model(model, tmp_path_factory.mktemp("refit") / model, options,
-                                            export_options=ExportOptions(components=components, check_points=("opt",),
-                                                                         refit=True)).folder
-        return built[model]
-
-    return build
+    return get
 
 
 @pytest.fixture(scope="session")

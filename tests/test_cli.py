@@ -92,7 +92,8 @@ def test_generate_inspect_and_build_skip(tiny_artifact, tiny_export, tmp_path):
     data = json.loads(r.stdout)
     assert data["manifest"]["format_version"] == 1 and "engine_parity" in data["report"]
 
-    r = runner.invoke(cli, ["build", str(tiny_export), "--out", str(tiny_artifact), "--backend", "onnxruntime", "--json"])
+    r = runner.invoke(cli, ["build", str(tiny_export), "--out", str(tiny_artifact), "--backend", "onnxruntime",
+                            "--refit", "refit", "--json"])
     result = json.loads(r.stdout)
     assert r.exit_code == 0 and result["skipped"] is True and (result["backend"], result["device"]) == ("onnxruntime", "cpu")
 

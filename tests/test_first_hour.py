@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from kiln.cli import cli
-from runtime.errors import NotSupportedError
+from runtime.errors import NotSupportedError, RequestError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -237,9 +237,11 @@ def test_the_pipeline_refuses_what_engines_cannot_do(tiny_artifact, tmp_path):
         pipe.to(0)
     with pytest.raises(NotSupportedError, match="precision is built into them"):
         pipe.to(torch_dtype=torch.float16)
-    for method in (pipe.load_lora_weights, pipe.fuse_lora, pipe.enable_vae_slicing):
+    for method in (pipe.fuse_lora, pipe.enable_vae_slicing):
         with pytest.raises(NotSupportedError):
             method()
+    with pytest.raises(RequestError, match="load_lora_weights needs a LoRA"):  # tiny is refittable: LoRAs load
+        pipe.load_lora_weights()
     calls = []
     pipe.unet.engine = lambda **kw: calls.append(kw)
     with pytest.raises(NotSupportedError, match=r"a LoRA scale of 0.5 at call time.*fused into the engines"):

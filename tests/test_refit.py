@@ -23,11 +23,14 @@ def _images(pipe, size: int) -> np.ndarray:
 
 
 def _reference(model: str, pipe):
+    """The diffusers pipeline the artifact was built from, with the LoRAs fused at build fused too."""
     import diffusers
 
     from exporters.builtin import ensure_builtin
+    from exporters.lora import fuse_loras, resolve_loras
 
     ref = getattr(diffusers, pipe.manifest.model["pipeline_class"]).from_pretrained(ensure_builtin(model))
+    fuse_loras(ref, resolve_loras(tuple((lora["source"], lora["scale"]) for lora in pipe.manifest.model.get("loras", []))))
     ref.scheduler = ref.scheduler.from_config(pipe.scheduler.config)
     ref.set_progress_bar_config(disable=True)
     return ref
@@ -118,12 +121,12 @@ def test_kohya_files_load_as_diffusers_reads_them(refittable, loras, tmp_path):
 
 def test_the_artifact_records_the_weight_map_and_base_weights(refittable):
     """Each recorded weight is an external initializer of the engine graph, as is or transposed
-    (MatMul weights), and the base weights file holds the model's weights in diffusers' layout."""
-    import diffusers
+    (MatMul weights), and the base weights file holds the model's weights (with the LoRA fused at
+    build) in diffusers' layout."""
     import onnx
     from safetensors.torch import load_file
 
-    from exporters.builtin import ensure_builtin
+    from runtime import load_pipeline
 
     folder = refittable("tiny-sd15")
     manifest = json.loads((folder / "manifest.json").read_text())
@@ -135,8 +138,7 @@ def test_the_artifact_records_the_weight_map_and_base_weights(refittable):
     graph = onnx.load(str(folder / "unet.onnx"), load_external_data=False).graph
     external = {t.name for t in graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL}
     assert {name for name, _ in unet["params"].values()} <= external
-    model = diffusers.UNet2DConditionModel.from_pretrained(ensure_builtin("tiny-sd15"), subfolder="unet")
-    weights = dict(model.named_parameters())
+    weights = dict(_reference("tiny-sd15", load_pipeline(folder)).unet.named_parameters())
     base = load_file(str(folder / unet["weights"]))
     q = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight"
     assert unet["params"][q][1] == "transpose" and set(base) == set(unet["params"])
@@ -160,8 +162,10 @@ def test_a_lora_the_artifact_cannot_refit_is_refused_naming_the_weight(refittabl
         pipe.fuse_lora()
 
 
-def test_an_artifact_built_without_refit_refuses_loras(tiny_artifact):
+def test_an_artifact_built_without_refit_refuses_loras(digits_artifact):
     from runtime import load_pipeline
 
-    with pytest.raises(NotSupportedError, match="built without --refit refit.*kiln build MODEL --refit refit"):
-        load_pipeline(tiny_artifact).load_lora_weights("whatever.safetensors")
+    pipe = load_pipeline(digits_artifact)
+    for call in (lambda: pipe.load_lora_weights("whatever.safetensors"), lambda: pipe.set_adapters("a")):
+        with pytest.raises(NotSupportedError, match="built without --refit refit.*kiln build MODEL --refit refit"):
+            call()

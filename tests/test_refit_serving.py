@@ -1,16 +1,15 @@
 """Per-request LoRAs: the batcher groups requests by LoRA set and each image is the one the pipeline
 gives with that set; the HTTP body names LoRAs the service registered (422 otherwise) and /metrics
-counts the swaps; Ray Serve takes the same; `kiln bench --lora` reports the swap beside a rebuild."""
+counts the swaps (Ray Serve: tests/runtime/test_ray_serve.py); `kiln bench --lora` reports the swap
+beside a rebuild."""
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from runtime.batcher import Batcher, ImageRequest
 from runtime.errors import OptionsError, RequestError
@@ -125,26 +124,3 @@ def test_bench_reports_the_swap_beside_a_rebuild_and_a_call(served, refittable):
     text = format_lora_swap(report)
     assert "swap: merge from base + engines" in text and "swap / rebuild:" in text
     json.dumps(report)
-
-
-@pytest.mark.slow
-def test_ray_serve_takes_loras(refittable, served):
-    ray = pytest.importorskip("ray", reason="the serving extra is not installed")
-    from ray import serve
-
-    from runtime.ray_serve import kiln_app
-
-    _, files = served
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        handle = serve.run(kiln_app(str(refittable("tiny-sd15")), max_wait=0.2, loras=(("b", str(files["b"]), 1.0),)),
-                           name="kiln-lora", route_prefix=None)
-        body = {"prompt": "a cat", "steps": 2, "height": 64, "width": 64, "seed": 1}
-        plain, styled = (handle.image.remote(b) for b in (body, {**body, "loras": ["b"]}))
-        plain, styled = (Image.open(io.BytesIO(r.result(timeout_s=120))) for r in (plain, styled))
-        assert plain.tobytes() != styled.tobytes()
-        with pytest.raises(Exception, match="no LoRA named 'a'"):
-            handle.image.remote({**body, "loras": ["a"]}).result(timeout_s=60)
-    finally:
-        serve.shutdown()
-        ray.shutdown()

@@ -101,22 +101,31 @@ def test_bounded_and_gpus_from_the_cluster(monkeypatch):
 
 
 @pytest.mark.slow
-def test_ray_deployment_answers(tiny_artifact):
+def test_ray_deployment_answers(tiny_artifact, tmp_path):
+    """Images, a bad field's error, and a LoRA the deployment registered (tiny is refittable)."""
     from ray import serve
 
+    from exporters.builtin import ensure_builtin
     from runtime.ray_serve import kiln_app
+    from tests.loras import make_lora
 
+    lora = make_lora(ensure_builtin("tiny"), tmp_path / "style", seed=7)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        handle = serve.run(kiln_app(str(tiny_artifact), max_wait=0.2), name="kiln-test", route_prefix=None)
+        handle = serve.run(kiln_app(str(tiny_artifact), max_wait=0.2, loras=(("style", str(lora), 1.0),)),
+                           name="kiln-test", route_prefix=None)
         bodies = [{"prompt": "a cat", "steps": 2, "height": 64, "width": 64, "seed": s} for s in (1, 2)]
-        responses = [handle.image.remote(b) for b in bodies]
+        responses = [handle.image.remote(b) for b in [*bodies, {**bodies[0], "loras": ["style"]}]]
         bad = handle.image.remote({"prompt": "a cat", "guidance_scale": [7.5]})
+        unknown = handle.image.remote({**bodies[0], "loras": ["other"]})
         images = [Image.open(io.BytesIO(r.result(timeout_s=120))) for r in responses]
-        assert [i.size for i in images] == [(64, 64), (64, 64)]
+        assert [i.size for i in images] == [(64, 64)] * 3
         assert images[0].tobytes() != images[1].tobytes()
+        assert images[0].tobytes() != images[2].tobytes()  # same request with the LoRA: another image
         with pytest.raises(Exception, match="guidance_scale"):
             bad.result(timeout_s=60)
+        with pytest.raises(Exception, match="no LoRA named 'other' here; this service serves style"):
+            unknown.result(timeout_s=60)
     finally:
         serve.shutdown()
         ray.shutdown()
