@@ -14,6 +14,7 @@ from runtime.manifest import load_manifest
 
 CPU = BuildOptions(backend="onnxruntime", device="cpu")  # the suite builds for this machine, whatever it has
 FORCE = BuildOptions(backend="onnxruntime", device="cpu", force=True)
+TINY = BuildOptions(backend="onnxruntime", device="cpu", refit="refit")  # how conftest builds the session's tiny
 
 
 def test_rebuild_with_unchanged_inputs_is_skipped(tiny_export, tiny_artifact, caplog, monkeypatch):
@@ -21,10 +22,18 @@ def test_rebuild_with_unchanged_inputs_is_skipped(tiny_export, tiny_artifact, ca
     # a skip reads export.json only; hashing every graph of the export is for builds
     monkeypatch.setattr(build_mod, "_verify_export", lambda *a: (_ for _ in ()).throw(AssertionError("hashed")))
     with caplog.at_level("DEBUG", logger="engines"):
-        result = build_from_export(tiny_export, tiny_artifact, CPU)
+        result = build_from_export(tiny_export, tiny_artifact, TINY)
     assert result.skipped
     assert "is up to date" in caplog.text
     assert (tiny_artifact / "manifest.json").read_bytes() == before
+
+
+def test_refit_modes_are_checked_before_any_work(tiny_export, tiny_fp16_export, tmp_path):
+    with pytest.raises(BuildError, match="was not exported refittable.*kiln export MODEL --refit refit"):
+        build_from_export(tiny_fp16_export, tmp_path / "a", TINY)
+    with pytest.raises(BuildError, match="--refit identical is TensorRT's"):
+        build_from_export(tiny_export, tmp_path / "b", BuildOptions(backend="onnxruntime", device="cpu", refit="identical"))
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
 def test_changed_artifact_is_rebuilt(tiny_export, tiny_artifact, tmp_path):
