@@ -22,7 +22,7 @@ from runtime.errors import ProfileError, format_table
 PRECISIONS = ("fp32", "fp16", "int8")
 _SOFTMAX = ("upcast", "always", "never")
 _SECTIONS = {
-    "model": {"source", "loras"},
+    "model": {"source", "loras", "controlnets"},
     "shapes": {"batch", "height", "width"},
     "precision": None,  # component names: the family's (checked by bind_family)
     "fp16": {"keep_fp32_ops", "keep_fp32_modules", "keep_fp32_softmax", "keep_fp32_components"},
@@ -81,7 +81,16 @@ class Profile:
     int8: Int8Policy = Int8Policy()
     generation: Generation = Generation()
     loras: tuple[tuple[str, float], ...] = ()  # (file or hub id, scale): fused into the weights at export
+    controlnets: tuple[str, ...] = ()  # ControlNetModel folders or hub ids: one engine each (controlnet_0, ...)
+    # [shapes.COMPONENT] height/width overrides, e.g. a VAE built smaller than the UNet (tiled decoding
+    # covers the rest): (component, ((key, Range), ...)) pairs
+    component_shapes: tuple[tuple[str, tuple[tuple[str, Range], ...]], ...] = ()
     denoiser: str = field(default="unet", compare=False)  # the one component int8 calibration covers (the family's)
+
+    def shapes_of(self, component: str | None) -> dict[str, Range]:
+        """batch, height and width of one component's engine: [shapes], with its [shapes.COMPONENT] overrides."""
+        own = dict(dict(self.component_shapes).get(component, ()))
+        return {k: own.get(k, getattr(self, k)) for k in ("batch", "height", "width")}
 
     def precision_of(self, component: str) -> str:
         return dict(self.precision).get(component, "fp32")
@@ -120,17 +129,24 @@ class Profile:
         return {
             "name": self.name,
             "model": {"source": self.source,
-                      **({"loras": [{"source": s, "scale": k} for s, k in self.loras]} if self.loras else {})},
+                      **({"loras": [{"source": s, "scale": k} for s, k in self.loras]} if self.loras else {}),
+                      **({"controlnets": list(self.controlnets)} if self.controlnets else {})},
             "shapes": {"batch": self.batch.as_list(), "height": self.height.as_list(), "width": self.width.as_list()},
             "precision": dict(self.precision),
             "fp16": asdict(self.fp16),
             "int8": asdict(self.int8),
             "generation": self.generation.to_dict(),
+            **({"component_shapes": {c: {k: r.as_list() for k, r in ranges} for c, ranges in self.component_shapes}}
+               if self.component_shapes else {}),
         }
 
     def with_loras(self, loras: tuple[tuple[str, float], ...]) -> Profile:
         """The profile's LoRAs and then these (--lora), fused in that order."""
         return replace(self, loras=(*self.loras, *loras)) if loras else self
+
+    def with_controlnets(self, controlnets: tuple[str, ...]) -> Profile:
+        """The profile's ControlNets and then these (--controlnet), as controlnet_0, controlnet_1, ..."""
+        return replace(self, controlnets=(*self.controlnets, *controlnets)) if controlnets else self
 
 
 def profiles_dir() -> Path:
@@ -171,6 +187,8 @@ def profile_from_dict(name: str, data: Mapping[str, Any], origin: str = "profile
             problems.append((section, "a table", repr(value)))
         elif _SECTIONS[section] is not None:
             for key in value:
+                if section == "shapes" and isinstance(value[key], Mapping):
+                    continue  # [shapes.COMPONENT]: checked below, its name when bound to the family
                 if key not in _SECTIONS[section]:
                     problems.append((f"{section}.{key}", f"one of {sorted(_SECTIONS[section])}", "unknown key"))
     model = data.get("model", {}) if isinstance(data.get("model", {}), Mapping) else {}
@@ -186,6 +204,22 @@ def profile_from_dict(name: str, data: Mapping[str, Any], origin: str = "profile
             problems.append((f"shapes.{key}", "[min, opt, max] positive integers, min <= opt <= max", repr(value)))
         else:
             ranges[key] = Range(*value)
+    component_shapes = []
+    for component, table in ((k, v) for k, v in shapes.items() if isinstance(v, Mapping)):
+        own = []
+        for key, value in table.items():
+            if key not in ("height", "width"):
+                problems.append((f"shapes.{component}.{key}", "height or width", "unknown key"))
+            elif not _is_range(value):
+                problems.append((f"shapes.{component}.{key}", "[min, opt, max] positive integers, min <= opt <= max",
+                                 repr(value)))
+            else:
+                own.append((key, Range(*value)))
+        component_shapes.append((component, tuple(own)))
+    controlnets = model.get("controlnets", [])
+    if not (isinstance(controlnets, list) and all(isinstance(c, str) and c.strip() for c in controlnets)):
+        problems.append(("model.controlnets", "a list of ControlNet folders or hub ids", repr(controlnets)))
+        controlnets = []
     for key, value in precision.items():
         if value not in PRECISIONS:
             problems.append((f"precision.{key}", f"one of {list(PRECISIONS)}", repr(value)))
@@ -219,6 +253,8 @@ def profile_from_dict(name: str, data: Mapping[str, Any], origin: str = "profile
         int8=Int8Policy(**{k: tuple(v) if isinstance(v, list) else v for k, v in int8.items()}),
         generation=generation,
         loras=tuple(loras),
+        controlnets=tuple(controlnets),
+        component_shapes=tuple(component_shapes),
     ).with_keep_fp32()
 
 
@@ -301,6 +337,8 @@ def bind_family(profile: Profile, components: tuple[str, ...], denoiser: str | N
     unknown = [c for c in profile.fp16.keep_fp32_components if c not in components]
     if unknown:
         problems.append(("fp16.keep_fp32_components", f"names from {list(components)}", repr(unknown)))
+    problems += [(f"shapes.{c}", f"a table named after one of {list(components)}", "unknown component")
+                 for c, _ in profile.component_shapes if c not in components]
     if problems:
         raise ProfileError(f"profile '{profile.name}' does not fit this model's components:\n"
                            + format_table(["field", "expected", "found"], problems))
@@ -323,11 +361,10 @@ def default_profile(name: str, source: str, native_height: int, native_width: in
 
 def check_size_multiple(profile: Profile, size_multiple: int) -> None:
     """Every height/width bound must be a multiple of the model's size multiple."""
-    problems = [
-        (f"shapes.{key}", f"multiples of {size_multiple}", getattr(profile, key).as_list())
-        for key in ("height", "width")
-        if any(v % size_multiple for v in getattr(profile, key).as_list())
-    ]
+    ranges = [(f"shapes.{key}", getattr(profile, key)) for key in ("height", "width")]
+    ranges += [(f"shapes.{c}.{key}", r) for c, own in profile.component_shapes for key, r in own]
+    problems = [(field, f"multiples of {size_multiple}", r.as_list()) for field, r in ranges
+                if any(v % size_multiple for v in r.as_list())]
     if problems:
         raise ProfileError(
             f"profile '{profile.name}' does not fit model {profile.source}: image sizes must be multiples of "

@@ -13,7 +13,7 @@ from typing import Any
 from exporters.dims import ModelDims
 from exporters.profile import Profile, Range
 from runtime.errors import ProfileError
-from runtime.shapes import Dim, eval_dims, parse_dim
+from runtime.shapes import Dim, eval_dims, parse_ratio
 
 
 @dataclass(frozen=True)
@@ -42,12 +42,13 @@ class ComponentSpec:
         return self.inputs + self.outputs
 
 
-def axis_ranges(profile: Profile, dims: ModelDims) -> dict[str, Range]:
-    """(min, opt, max) of every named axis under `profile`. The UNet batch doubles under
-    classifier-free guidance (dims.guidance_batch: 1 for an LCM, which embeds its guidance) but
-    keeps min = batch min, so guidance_scale <= 1 still fits."""
+def axis_ranges(profile: Profile, dims: ModelDims, component: str | None = None) -> dict[str, Range]:
+    """(min, opt, max) of every named axis under `profile` (for `component`: with its own
+    [shapes.COMPONENT] sizes). The UNet batch doubles under classifier-free guidance
+    (dims.guidance_batch: 1 for an LCM, which embeds its guidance) but keeps min = batch min, so
+    guidance_scale <= 1 still fits."""
     f, g = dims.vae_scale_factor, dims.guidance_batch
-    b, h, w = profile.batch, profile.height, profile.width
+    b, h, w = profile.shapes_of(component).values()
     return {
         "batch": b,
         "unet_batch": Range(b.min, g * b.opt, g * b.max),
@@ -58,7 +59,7 @@ def axis_ranges(profile: Profile, dims: ModelDims) -> dict[str, Range]:
 
 def tensor_ranges(spec: ComponentSpec, profile: Profile, dims: ModelDims) -> dict[str, dict[str, list[int]]]:
     """Per-tensor {"min","opt","max"} shapes of `spec` under `profile`, for every backend."""
-    axes = axis_ranges(profile, dims)
+    axes = axis_ranges(profile, dims, spec.name)
     return {
         t.name: {k: list(eval_dims(t.dims, {a: getattr(r, k) for a, r in axes.items()})) for k in ("min", "opt", "max")}
         for t in spec.tensors
@@ -79,9 +80,9 @@ def dynamic_axes(spec: ComponentSpec) -> dict[str, dict[int, str]]:
     for t in spec.tensors:
         named = {}
         for i, dim in enumerate(t.dims):
-            scale, axis = parse_dim(dim)
+            scale, axis, divisor = parse_ratio(dim)
             if axis is not None:
-                named[i] = axis if scale == 1 else f"{axis}_x{scale}"
+                named[i] = axis + (f"_x{scale}" if scale != 1 else "") + (f"_d{divisor}" if divisor != 1 else "")
         out[t.name] = named
     return out
 

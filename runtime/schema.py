@@ -84,7 +84,7 @@ def _tensor(problems: Problems, t: Any, where: str) -> None:
     if not _expect(problems, where, t, isinstance(t, Mapping), "an object"):
         return
     _fields(problems, t, where, {"name": (_str, "a name"), "dtype": (lambda v: v in DTYPES, f"one of {list(DTYPES)}"),
-                                 "dims": (_dims, "a list of ints and axis expressions ('axis', 'K*axis')")})
+                                 "dims": (_dims, "a list of ints and axis expressions ('axis', 'K*axis', 'axis/K')")})
     rank = len(t["dims"]) if isinstance(t.get("dims"), list) else None
     for key in ("min", "opt", "max"):
         value = t.get(key, _MISSING)
@@ -135,6 +135,11 @@ def manifest_problems(data: Any) -> Problems:
     shapes = _table(problems, profile, "shapes", "profile.shapes") if profile is not None else None
     _fields(problems, shapes, "profile.shapes", {k: (_range, "[min, opt, max] positive, min <= opt <= max")
                                                  for k in ("batch", "height", "width")})
+    own = _table(problems, profile, "component_shapes", "profile.component_shapes", optional=True) if profile else None
+    for name, ranges in (own or {}).items():  # [shapes.COMPONENT]: a component's own height/width ranges
+        if _expect(problems, f"profile.component_shapes.{name}", ranges, isinstance(ranges, Mapping), "an object"):
+            _fields(problems, ranges, f"profile.component_shapes.{name}",
+                    {k: (_range, "[min, opt, max] positive, min <= opt <= max") for k in ranges})
     _fields(problems, _table(problems, data, "dims", "dims"), "dims", {
         "vae_scale_factor": (_positive, "a positive integer"), "size_multiple": (_positive, "a positive integer")})
     backend = _table(problems, data, "backend", "backend")
