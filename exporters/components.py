@@ -98,23 +98,28 @@ def clip_hidden_states(name: str, *, tokens: int, vocab: int, hidden: int, poole
 # ---- UNet -----------------------------------------------------------------------------------------
 
 
-def _wrap_unet(condition_names: tuple[str, ...]):
+def _wrap_unet(condition_names: tuple[str, ...], residual_names: tuple[str, ...] = ()):
     def wrap(pipe):
         import inspect
 
         import torch
 
         class UNet(torch.nn.Module):
-            """(sample, timestep, text, *conditions) → the UNet's output; conditions are passed as
-            timestep_cond or in added_cond_kwargs, by name."""
+            """(sample, timestep, text, *conditions, *residuals) → the UNet's output; conditions are
+            passed as timestep_cond or in added_cond_kwargs, by name; ControlNet residuals (the
+            down blocks' then the mid block's) as down_block/mid_block_additional_residual(s)."""
 
             def __init__(self, unet):
                 super().__init__()
                 self.unet = unet
 
-            def forward(self, sample, timestep, encoder_hidden_states, *conditions):
-                named = dict(zip(condition_names, conditions))
+            def forward(self, sample, timestep, encoder_hidden_states, *rest):
+                named = dict(zip(condition_names, rest[:len(condition_names)]))
+                residuals = rest[len(condition_names):]
                 added = {k: named.pop(k) for k in UNET_ADDED_CONDITIONS if k in named}
+                if residuals:
+                    named.update(down_block_additional_residuals=list(residuals[:-1]),
+                                 mid_block_additional_residual=residuals[-1])
                 return self.unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=added or None,
                                  return_dict=False, **named)[0]
 
@@ -123,15 +128,16 @@ def _wrap_unet(condition_names: tuple[str, ...]):
         positional = inspect.Parameter.POSITIONAL_OR_KEYWORD
         UNet.forward.__signature__ = inspect.Signature([
             inspect.Parameter(n, positional)
-            for n in ("self", "sample", "timestep", "encoder_hidden_states", *condition_names)])
+            for n in ("self", "sample", "timestep", "encoder_hidden_states", *condition_names, *residual_names)])
         return UNet(pipe.unet).eval()
 
     return wrap
 
 
-def _unet_feed(condition_names: tuple[str, ...]) -> Callable[[dict], dict]:
+def _unet_feed(condition_names: tuple[str, ...], residuals: tuple[TensorSpec, ...] = ()) -> Callable[[dict], dict]:
     def feed(call: dict) -> dict:
-        """Bound arguments of a UNet2DConditionModel call → its ONNX inputs as float32 arrays."""
+        """Bound arguments of a UNet2DConditionModel call → its ONNX inputs as float32 arrays
+        (ControlNet residuals: the call's, or zeros where it ran without a ControlNet)."""
         import torch
 
         sample = call["sample"]
@@ -139,13 +145,21 @@ def _unet_feed(condition_names: tuple[str, ...]) -> Callable[[dict], dict]:
         added = call.get("added_cond_kwargs") or {}
         values = {"sample": sample, "timestep": t, "encoder_hidden_states": call["encoder_hidden_states"],
                   **{n: added[n] if n in UNET_ADDED_CONDITIONS else call[n] for n in condition_names}}
+        given = [*(call.get("down_block_additional_residuals") or ()), call.get("mid_block_additional_residual")]
+        for r, value in zip(residuals, given if given[-1] is not None else [None] * len(residuals)):
+            if value is None:
+                h, w = sample.shape[-2:]
+                divisor = int(str(r.dims[2]).partition("/")[2] or 1)
+                value = torch.zeros(sample.shape[0], r.dims[1], h // divisor, w // divisor)
+            values[r.name] = value
         return {n: v.detach().float().cpu().numpy().copy() for n, v in values.items()}
 
     return feed
 
 
-def unet(dims: ModelDims) -> ComponentSpec:
-    """A UNet2DConditionModel denoiser; the batch axis doubles under classifier-free guidance."""
+def unet(dims: ModelDims, residuals: tuple[TensorSpec, ...] = ()) -> ComponentSpec:
+    """A UNet2DConditionModel denoiser; the batch axis doubles under classifier-free guidance.
+    `residuals`: ControlNet residual inputs (exporters/controlnet.residual_tensors), after the conditions."""
     latent = ("unet_batch", dims.unet_in_channels, *LATENT)
     conditions = tuple(TensorSpec(n, "float32", ("unet_batch", width), CONDITION_SAMPLES.get(n, ("normal", 0.0, 1.0)))
                        for n, width in dims.unet_conditions)
@@ -157,14 +171,15 @@ def unet(dims: ModelDims) -> ComponentSpec:
             TensorSpec("timestep", "float32", ("unet_batch",), ("uniform", 0.0, 999.0)),
             TensorSpec("encoder_hidden_states", "float32", ("unet_batch", dims.max_tokens, dims.text_hidden_size)),
             *conditions,
+            *residuals,
         ),
         outputs=(TensorSpec("model_output", "float32", ("unet_batch", dims.latent_channels, *LATENT)),),
-        wrap=_wrap_unet(names),
+        wrap=_wrap_unet(names, tuple(r.name for r in residuals)),
         config_of=config_of("unet"),
         atol=1e-4,
         rtol=1e-4,
         module="unet",
-        feed_from_call=_unet_feed(names),
+        feed_from_call=_unet_feed(names, residuals),
     )
 
 

@@ -21,6 +21,7 @@ from typing import Any
 
 from exporters.calibrate import calibration_prompts
 from exporters.check import POINTS, check_against_torch, parity_table
+from exporters.controlnet import attach, controlnet_bytes, resolve_controlnets, with_controlnets
 from exporters.dims import ModelDims
 from exporters.lora import fuse_loras, resolve_loras
 from exporters.lowering import FP32_DIR, lower_precision, pipeline_quality
@@ -32,6 +33,7 @@ from exporters.source import ModelSource
 from exporters.specs import tensor_ranges
 from exporters.trace import onnx_from_torch
 from exporters.weights import save_graph
+from runtime.controlnet_names import controlnet_names
 from runtime.errors import ExportError
 from runtime.files import atomic_folder, folder_checksums, refuse_foreign
 from runtime.version import __version__
@@ -59,6 +61,7 @@ class ExportOptions:
     int8_target: str = "tensorrt"  # recipe when the profile says recipe = "auto": the build target's
     loras: tuple[tuple[str, float], ...] = ()  # --lora FILE_OR_HUB_ID[:SCALE]: fused after the profile's own
     refit: bool = False  # --refit refit: record the LoRA-loadable components' weights (exporters/refit.py)
+    controlnets: tuple[str, ...] = ()  # --controlnet FOLDER_OR_HUB_ID: after the profile's own, one engine each
 
     def __post_init__(self):
         bad = [p for p in self.check_points if p not in POINTS] or ([] if self.check_points else ["(none)"])
@@ -70,15 +73,26 @@ class ExportOptions:
             raise ExportError("refittable exports (--refit refit) need the dynamo exporter: the TorchScript exporter "
                               "folds weight transposes under new names before kiln can record them; drop --exporter torchscript")
 
-    def components_of(self, source: ModelSource) -> tuple[str, ...]:
-        """The components to export: those asked for, which must be the family's, or all of them."""
-        valid = source.family.components
+    def components_of(self, source: ModelSource, profile: Profile | None = None) -> tuple[str, ...]:
+        """The components to export: those asked for, which must be the family's (and the resolved
+        profile's ControlNets), or all of them."""
+        valid = model_components(source.family, profile)
         if self.components is None:
             return valid
         unknown = [c for c in self.components if c not in valid]
         if unknown:
             raise ExportError(f"unknown components {unknown}; valid for {source.family.name} models: {', '.join(valid)}")
         return self.components
+
+
+def model_components(family, profile: Profile | None) -> tuple[str, ...]:
+    """The family's components, then one per ControlNet of the profile (controlnet_0, ...); a family
+    without a ControlNet pipeline refuses ControlNets."""
+    count = len(profile.controlnets) if profile is not None else 0
+    if count and "controlnet" not in family.tasks:
+        raise ExportError(f"{family.name} models have no ControlNet pipeline in kiln (ControlNets fit the sd and sdxl "
+                          "families); drop --controlnet / [model] controlnets")
+    return (*family.components, *controlnet_names(count))
 
 
 def export_key(source: ModelSource, profile: Profile, options: ExportOptions) -> str:
@@ -90,6 +104,7 @@ def export_key(source: ModelSource, profile: Profile, options: ExportOptions) ->
     identity = {
         "weights": source.weights_sha256,
         "loras": [lora.sha256 for lora in resolve_loras(profile.loras)],
+        **({"controlnets": [c.sha256 for c in resolve_controlnets(profile.controlnets)]} if profile.controlnets else {}),
         "profile": profile.to_dict() | {"name": None},
         "calibration": _calibration_prompts(source, profile, options),
         "options": _identity_options(source, profile, options),
@@ -102,7 +117,8 @@ def export_key(source: ModelSource, profile: Profile, options: ExportOptions) ->
 def _resolved(source: ModelSource, profile: Profile, options: ExportOptions) -> Profile:
     """The profile bound to the model's family (a no-op when resolve_model did it), at --precision."""
     family = source.family
-    bound = bind_family(profile, family.components, family.denoiser).keeping_fp32(source.keep_fp32)
+    profile = profile.with_controlnets(options.controlnets)
+    bound = bind_family(profile, model_components(family, profile), family.denoiser).keeping_fp32(source.keep_fp32)
     return bound.with_precision(options.precision).with_loras(options.loras)
 
 
@@ -114,8 +130,8 @@ def export_dims(source: ModelSource, profile: Profile) -> ModelDims:
 def _identity_options(source: ModelSource, profile: Profile, options: ExportOptions) -> dict[str, Any]:
     """The options that change what an export writes: precision is in the resolved profile and the
     prompts' text in "calibration"; the int8 target matters only where something is int8."""
-    identity = asdict(options) | {"components": list(options.components_of(source))}
-    for key in ("precision", "calibration_prompts", "loras"):
+    identity = asdict(options) | {"components": list(options.components_of(source, profile))}
+    for key in ("precision", "calibration_prompts", "loras", "controlnets"):
         identity.pop(key)
     if not identity["refit"]:
         identity.pop("refit")  # keys of exports made before refit existed stay valid
@@ -133,9 +149,10 @@ def export_model(source: ModelSource, profile: Profile, out_dir: Path, options: 
     out_dir = Path(out_dir)
     keep = refuse_foreign(out_dir, EXPORT_FILE, "export folder")
     family = source.family
-    names = options.components_of(source)
     key = key or export_key(source, profile, options)
     profile = _resolved(source, profile, options)
+    names = options.components_of(source, profile)
+    controlnets = resolve_controlnets(profile.controlnets)
     prompts = _calibration_prompts(source, profile, options)  # errors before any work
     loras = resolve_loras(profile.loras)
     scheduler_class(profile.generation)  # a bad name is refused before the model loads
@@ -144,12 +161,15 @@ def export_model(source: ModelSource, profile: Profile, out_dir: Path, options: 
     pipe = source.load_pipeline()
     fuse_loras(pipe, loras)
     set_scheduler(pipe, profile.generation)
+    attach(pipe, controlnets)
     specs = family.component_specs(dims)
+    specs = with_controlnets(specs, dims, specs[family.denoiser].config_of(pipe), controlnets, family.denoiser)
     refittable = _refittable(pipe, specs, names, profile) if options.refit else ()
     # the model's attention upcast decides the fp16 softmax policy of every component
     upcast_attention = bool(specs[family.denoiser].config_of(pipe).get("upcast_attention", False))
     components: dict[str, Any] = {}
-    with atomic_folder(out_dir, needed_bytes=_export_bytes(source, profile, names), keep=keep) as tmp:
+    needed = _export_bytes(source, profile, names) + 2 * controlnet_bytes(controlnets)
+    with atomic_folder(out_dir, needed_bytes=needed, keep=keep) as tmp:
         for asset in family.assets:
             getattr(pipe, asset).save_pretrained(tmp / asset)
         calibration = None
@@ -224,7 +244,9 @@ def export_model(source: ModelSource, profile: Profile, out_dir: Path, options: 
             "model": {"source": source.source, "pipeline_class": source.pipeline_class, "family": family.name,
                       "weights_sha256": source.weights_sha256,
                       **({"pipeline_config": config} if (config := family.pipeline_config(source.folder)) else {}),
-                      **({"loras": [lora.to_dict() for lora in loras]} if loras else {})},
+                      **({"loras": [lora.to_dict() for lora in loras]} if loras else {}),
+                      **({"controlnets": [c.to_dict(n) for n, c in zip(controlnet_names(len(controlnets)), controlnets)]}
+                         if controlnets else {})},
             "profile": profile.to_dict(),
             "dims": dims.to_dict(),
             "exporter": {"name": options.exporter, "opset": options.opset, "torch": torch.__version__,
@@ -300,7 +322,7 @@ def _export_bytes(source: ModelSource, profile: Profile, names) -> int:
 
 
 def _calibration_prompts(source: ModelSource, profile: Profile, options: ExportOptions) -> list[str]:
-    if not any(profile.precision_of(c) == "int8" for c in options.components_of(source)):
+    if not any(profile.precision_of(c) == "int8" for c in options.components_of(source, profile)):
         return []
     return calibration_prompts(profile, source.source.startswith("builtin:"), options.calibration_prompts)
 

@@ -35,6 +35,9 @@ def resolve_model(model: str, profile_path: str | Path | None = None) -> tuple[M
             f"Valid profiles: {', '.join(profile_names())}; or pass a path to a diffusers folder, "
             "or a hub id such as stabilityai/stable-diffusion-2-1"
         )
-    profile = bind_family(profile, source.family.components, source.family.denoiser).keeping_fp32(source.keep_fp32)
+    from exporters.export import model_components
+
+    components = model_components(source.family, profile)
+    profile = bind_family(profile, components, source.family.denoiser).keeping_fp32(source.keep_fp32)
     check_size_multiple(profile, source.dims.size_multiple)
     return source, profile

@@ -22,14 +22,14 @@ from runtime.errors import format_table
 @click.option("--refit", type=click.Choice(["off", "refit"]), default="off", show_default=True,
               help="refit: record the UNet's and text encoders' weights so engines built from it swap LoRAs at run time.")
 def export(model: str, out: Path, profile: str | None, exporter: str, precision, calibration_prompts, int8_recipe,
-           check: str, loras, refit: str):
+           check: str, loras, controlnets, refit: str):
     """Export MODEL's components to checked ONNX graphs in OUT (portable: build engines anywhere from it)."""
     from exporters.export import ExportOptions, export_model
     from exporters.resolve import resolve_model
 
     options = ExportOptions(exporter=exporter, check_points=check, precision=precision,
                             calibration_prompts=calibration_prompts, int8_target=int8_recipe, loras=tuple(loras),
-                            refit=refit == "refit")
+                            refit=refit == "refit", controlnets=tuple(controlnets))
     source, resolved = resolve_model(model, profile)
     export_model(source, resolved, out, options)
     click.echo(f"exported {model} to {out}")
@@ -48,8 +48,8 @@ def export(model: str, out: Path, profile: str | None, exporter: str, precision,
 @click.option("--force", is_flag=True, help="Rebuild even when the inputs are unchanged.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def build(model: str, out: Path, backend: str, device, profile: str | None, exporter: str, precision,
-          calibration_prompts, check: str, loras, workspace_gib, optimization_level, hardware_compat, tf32, refit, strip_plan,
-          weight_streaming, force: bool, as_json: bool):
+          calibration_prompts, check: str, loras, controlnets, workspace_gib, optimization_level, hardware_compat, tf32,
+          refit, strip_plan, weight_streaming, force: bool, as_json: bool):
     """Build engines for MODEL (or a folder made by `kiln export`) into the artifact folder OUT."""
     from engines.build import BuildOptions, build_from_export, build_from_model, int8_target, resolve_options
     from engines.trt_backend import TrtOptions
@@ -60,8 +60,9 @@ def build(model: str, out: Path, backend: str, device, profile: str | None, expo
     options = resolve_options(BuildOptions(backend=backend, device=device, force=force, tensorrt=trt_options, refit=refit))
     started = time.perf_counter()
     if (Path(model) / "export.json").is_file():
-        if profile or precision or calibration_prompts or loras:
-            raise click.UsageError("--profile, --precision, --calibration-prompts and --lora apply when exporting; "
+        if profile or precision or calibration_prompts or loras or controlnets:
+            raise click.UsageError("--profile, --precision, --calibration-prompts, --lora and --controlnet apply when "
+                                   "exporting; "
                                    "this export folder already fixed them")
         result = build_from_export(Path(model), out, options)
     else:
@@ -69,7 +70,7 @@ def build(model: str, out: Path, backend: str, device, profile: str | None, expo
 
         export_options = ExportOptions(exporter=exporter, check_points=check, precision=precision,
                                        calibration_prompts=calibration_prompts, int8_target=int8_target(options),
-                                       loras=tuple(loras), refit=refit == "refit")
+                                       loras=tuple(loras), refit=refit == "refit", controlnets=tuple(controlnets))
         result = build_from_model(model, out, options, profile, export_options)
     seconds = time.perf_counter() - started
     if as_json:
@@ -105,12 +106,16 @@ def inspect(folder: Path, as_json: bool):
         *([("LoRA refit", ", ".join(f"{n} ({len(c['refit']['params'])} weights)" for n, c in d["components"].items()
                                     if "refit" in c) + ": load_lora_weights / set_adapters swap them")]
           if any("refit" in c for c in d["components"].values()) else []),
+        *[("ControlNet", f"{c['component']}: {c['source']} (sha256 {c['sha256'][:16]})")
+          for c in d["model"].get("controlnets", [])],
         *_generation_rows(d["profile"].get("generation") or {}),
         ("backend", f"{b['name']} {b.get('version', '?')} ({b.get('execution_provider') or b.get('gpu', '-')})"),
         *_tensorrt_rows(b),
         ("batch", "min {} / opt {} / max {}".format(*shapes["batch"])),
         ("height", "min {} / opt {} / max {} (multiple of {})".format(*shapes["height"], manifest.size_multiple)),
         ("width", "min {} / opt {} / max {}".format(*shapes["width"])),
+        *[(f"{name} size", ", ".join(f"{k} {r[0]}..{r[2]}" for k, r in own.items()) + " (own [shapes.COMPONENT] range)")
+          for name, own in d["profile"].get("component_shapes", {}).items()],
         ("format / kiln", f"{d['format_version']} / {d['kiln_version']}"),
         ("created", d.get("created", "?")),
         ("build key", (d.get("build_key") or "?")[:16]),

@@ -120,6 +120,9 @@ export_options = options(
     click.option("--lora", "loras", type=LoraParam(), multiple=True, metavar="FILE_OR_HUB_ID[:SCALE]",
                  help="Fuse this LoRA (diffusers format, .safetensors) into the weights at SCALE (default 1) "
                       "before tracing; repeatable, after the profile's own."),
+    click.option("--controlnet", "controlnets", multiple=True, metavar="FOLDER_OR_HUB_ID",
+                 help="Export this ControlNetModel as its own engine (controlnet_0, controlnet_1, ...) and a UNet that "
+                      "takes its residuals; repeatable (multi-ControlNet), after the profile's own."),
 )
 
 tensorrt_options = options(

@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 
 
 def load_pipeline(folder: str | Path, task: str = "text2img", backend: str | None = None, verify: bool = True,
-                  cuda_graphs: bool = True, weight_streaming_budget=None):
+                  cuda_graphs: bool = True, weight_streaming_budget=None, controlnets=None):
     """Load an artifact folder as a pipeline called exactly like the diffusers pipeline of its
     family and task (for SD: StableDiffusionPipeline for task="text2img",
     StableDiffusionImg2ImgPipeline for task="img2img").
@@ -29,10 +29,14 @@ def load_pipeline(folder: str | Path, task: str = "text2img", backend: str | Non
 
     TensorRT artifacts only: `cuda_graphs` captures each engine's enqueue per input shape and
     replays it; `weight_streaming_budget` (bytes, "auto", or {component: either}) keeps only that
-    much of an engine's weights on the GPU (engines built with --weight-streaming)."""
+    much of an engine's weights on the GPU (engines built with --weight-streaming).
+
+    task="controlnet" (and "controlnet_img2img") return the family's diffusers ControlNet pipeline
+    (StableDiffusion{,XL}ControlNetPipeline) over the artifact's ControlNet engines: all of them, or
+    `controlnets` (names such as "controlnet_1", or indices), in that order."""
     manifest = load_manifest(folder)
     family = families.get(manifest.family)
-    needed = family.components(task)
+    needed = family.components(task, manifest, controlnets)
     built_with = manifest.backend["name"]
     if backend is not None and backend != built_with:
         raise ArtifactError(
@@ -43,14 +47,15 @@ def load_pipeline(folder: str | Path, task: str = "text2img", backend: str | Non
     if missing:
         raise ArtifactError(f"{folder} has no {', '.join(missing)} engine, which task {task!r} needs; rebuild with them")
     check_artifact(manifest, needed, assets=family.assets, verify=verify)
-    return pipeline_from_manifest(manifest, task, cuda_graphs=cuda_graphs, weight_streaming_budget=weight_streaming_budget)
+    return pipeline_from_manifest(manifest, task, cuda_graphs=cuda_graphs, weight_streaming_budget=weight_streaming_budget,
+                                  controlnets=controlnets)
 
 
-def pipeline_from_manifest(manifest: Manifest, task: str = "text2img", **engine_options):
+def pipeline_from_manifest(manifest: Manifest, task: str = "text2img", controlnets=None, **engine_options):
     """Assemble the pipeline from an already checked manifest (load_pipeline's second half; the
     exporter also uses it to compare precisions on ONNX files before any artifact exists)."""
     family = families.get(manifest.family)
-    engines = open_engines(manifest, family.components(task), **engine_options)
+    engines = open_engines(manifest, family.components(task, manifest, controlnets), **engine_options)
     try:
         pipe = family.assemble(task, manifest, engines)
         pipe._kiln_engines = engines  # what a LoRA swap refits (runtime/lora_api.py)

@@ -77,8 +77,11 @@ def all_families() -> list[Family]:
 
 
 def known_components() -> set[str]:
-    """Every component name some family exports (what a profile may name before MODEL is resolved)."""
-    return {c for f in all_families() for c in f.components}
+    """Every component name some family exports, and the ControlNets' (what a profile may name
+    before MODEL is resolved)."""
+    from runtime.controlnet_names import MAX_CONTROLNETS, controlnet_names
+
+    return {c for f in all_families() for c in f.components} | set(controlnet_names(MAX_CONTROLNETS))
 
 
 def supported_pipelines() -> list[str]:

@@ -10,6 +10,8 @@ from typing import Any
 
 from runtime.errors import ArtifactError
 
+CONTROLNETS = "controlnet_*"  # in a task's components: the ControlNets the caller picks (runtime/controlnet.py)
+
 # family name → the module defining FAMILY (a RuntimeFamily)
 FAMILY_MODULES: dict[str, str] = {"sd": "runtime.families.sd", "lcm": "runtime.families.lcm",
                                    "sdxl": "runtime.families.sdxl"}
@@ -44,10 +46,21 @@ class RuntimeFamily:
     schedulers: tuple[str, ...] | None = None
     request_fields: tuple[str, ...] = ()
 
-    def components(self, task: str) -> tuple[str, ...]:
+    def components(self, task: str, manifest=None, controlnets=None) -> tuple[str, ...]:
+        """The components `task` runs; with a manifest, a ControlNet task's ControlNets are made
+        concrete (runtime/controlnet.task_components: `controlnets`, else all the artifact has)."""
         if task not in self.tasks:
             raise ArtifactError(f"task must be one of {', '.join(self.tasks)} for {self.name} artifacts, got {task!r}")
-        return self.tasks[task]
+        if manifest is None:
+            return self.tasks[task]
+        if CONTROLNETS not in self.tasks[task]:
+            if controlnets is not None:
+                raise ArtifactError(f"controlnets= applies to the ControlNet tasks "
+                                    f"({', '.join(t for t in self.tasks if 'controlnet' in t) or 'none'}), not {task!r}")
+            return self.tasks[task]
+        from runtime.controlnet import task_components
+
+        return task_components(self.tasks[task], manifest, controlnets)
 
 
 def register(family: RuntimeFamily) -> None:

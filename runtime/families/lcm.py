@@ -52,7 +52,7 @@ class EngineLCMImg2ImgPipeline(EngineBacked, LatentConsistencyModelImg2ImgPipeli
 
 FAMILY = RuntimeFamily(
     name="lcm",
-    tasks=TASKS,
+    tasks={task: TASKS[task] for task in ("text2img", "img2img")},  # diffusers has no LCM ControlNet pipeline
     assemble=assemble_sd({"text2img": EngineLCMPipeline, "img2img": EngineLCMImg2ImgPipeline}),
     request_defaults={"steps": 4, "guidance_scale": 8.5},  # diffusers' LCM defaults (the embedding gets 7.5)
     negative_prompt=False,

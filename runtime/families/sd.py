@@ -4,18 +4,26 @@ from __future__ import annotations
 
 from typing import Any
 
-from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
+from diffusers import (
+    StableDiffusionControlNetImg2ImgPipeline,
+    StableDiffusionControlNetPipeline,
+    StableDiffusionImg2ImgPipeline,
+    StableDiffusionPipeline,
+)
 
 from runtime.assets import load_scheduler, load_tokenizer
+from runtime.controlnet import controlnet_module
 from runtime.errors import RequestError, ShapeError
-from runtime.families import RuntimeFamily
+from runtime.families import CONTROLNETS, RuntimeFamily
 from runtime.guards import EngineBacked
 from runtime.manifest import Manifest
 from runtime.requests import checked
 from runtime.shims import TextEncoderShim, UNetShim, VaeShim
 
 TASKS = {"text2img": ("text_encoder", "unet", "vae_decoder"),
-         "img2img": ("text_encoder", "unet", "vae_decoder", "vae_encoder")}
+         "img2img": ("text_encoder", "unet", "vae_decoder", "vae_encoder"),
+         "controlnet": ("text_encoder", "unet", "vae_decoder", CONTROLNETS),
+         "controlnet_img2img": ("text_encoder", "unet", "vae_decoder", "vae_encoder", CONTROLNETS)}
 
 
 class EnginePipeline(EngineBacked, StableDiffusionPipeline):
@@ -49,6 +57,39 @@ class EngineImg2ImgPipeline(EngineBacked, StableDiffusionImg2ImgPipeline):
     __call__ = checked(StableDiffusionImg2ImgPipeline.__call__)
 
 
+class EngineControlNetPipeline(EngineBacked, StableDiffusionControlNetPipeline):
+    """StableDiffusionControlNetPipeline whose text encoder, UNet, VAE and ControlNets are engines."""
+
+    manifest: Manifest
+
+    def request_size(self, a: dict[str, Any]) -> tuple[int, int]:
+        """height and width as given, else the control image's size (what diffusers would use)."""
+        if a.get("height") is not None and a.get("width") is not None:
+            return a["height"], a["width"]
+        image = a.get("image")
+        if image is None:
+            raise ShapeError("a ControlNet pipeline needs its control image; pass image=", field="image")
+        first = image[0] if isinstance(image, (list, tuple)) and image and isinstance(image[0], (list, tuple)) else image
+        h, w = image_size(first, self.manifest)
+        return (a.get("height") or h, a.get("width") or w)
+
+    __call__ = checked(StableDiffusionControlNetPipeline.__call__)
+
+
+class EngineControlNetImg2ImgPipeline(EngineBacked, StableDiffusionControlNetImg2ImgPipeline):
+    """StableDiffusionControlNetImg2ImgPipeline whose models are engines; the init image sets the size
+    unless height and width are given."""
+
+    manifest: Manifest
+
+    def request_size(self, a: dict[str, Any]) -> tuple[int, int]:
+        if a.get("height") is not None and a.get("width") is not None:
+            return a["height"], a["width"]
+        return EngineImg2ImgPipeline.request_size(self, a)
+
+    __call__ = checked(StableDiffusionControlNetImg2ImgPipeline.__call__)
+
+
 def image_size(image, manifest: Manifest) -> tuple[int, int]:
     """(height, width) of an init image as given (PIL, numpy HWC or NHWC, tensor CHW or NCHW, or a
     list of them): diffusers would round it down to a multiple of 8, but the engines need the size
@@ -72,7 +113,8 @@ def image_size(image, manifest: Manifest) -> tuple[int, int]:
     return height, width
 
 
-PIPELINES = {"text2img": EnginePipeline, "img2img": EngineImg2ImgPipeline}
+PIPELINES = {"text2img": EnginePipeline, "img2img": EngineImg2ImgPipeline, "controlnet": EngineControlNetPipeline,
+             "controlnet_img2img": EngineControlNetImg2ImgPipeline}
 
 
 def assemble_sd(pipelines: dict[str, type]):
@@ -82,7 +124,9 @@ def assemble_sd(pipelines: dict[str, type]):
     def assemble(task: str, manifest: Manifest, engines: dict[str, Any]):
         device = next(iter(engines.values())).device
         comps = manifest.components
+        controlnet = controlnet_module(manifest, engines, device)
         pipe = pipelines[task](
+            **({"controlnet": controlnet} if controlnet else {}),
             vae=VaeShim(engines["vae_decoder"], engines.get("vae_encoder"), comps["vae_decoder"].config, device),
             text_encoder=TextEncoderShim(engines["text_encoder"], comps["text_encoder"].config, device),
             tokenizer=load_tokenizer(manifest.folder / "tokenizer"),

@@ -6,21 +6,35 @@ from __future__ import annotations
 
 from typing import Any
 
-from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+from diffusers import (
+    StableDiffusionXLControlNetImg2ImgPipeline,
+    StableDiffusionXLControlNetPipeline,
+    StableDiffusionXLImg2ImgPipeline,
+    StableDiffusionXLPipeline,
+)
 
 from runtime.assets import load_scheduler, load_tokenizer
-from runtime.families import RuntimeFamily
-from runtime.families.sd import EngineImg2ImgPipeline, EnginePipeline
+from runtime.controlnet import controlnet_module
+from runtime.families import CONTROLNETS, RuntimeFamily
+from runtime.families.sd import (
+    EngineControlNetImg2ImgPipeline,
+    EngineControlNetPipeline,
+    EngineImg2ImgPipeline,
+    EnginePipeline,
+)
 from runtime.guards import EngineBacked
 from runtime.manifest import Manifest
 from runtime.requests import checked
 from runtime.shims import HiddenStatesShim, UNetShim, VaeShim
 
 TEXT = ("text_encoder", "text_encoder_2", "unet", "vae_decoder")
-TASKS = {"text2img": TEXT, "img2img": (*TEXT, "vae_encoder")}
+TASKS = {"text2img": TEXT, "img2img": (*TEXT, "vae_encoder"), "controlnet": (*TEXT, CONTROLNETS),
+         "controlnet_img2img": (*TEXT, "vae_encoder", CONTROLNETS)}
 ASSETS = ("tokenizer", "tokenizer_2", "scheduler")
 PIPELINE_OPTIONS = {"text2img": ("force_zeros_for_empty_prompt",),
-                    "img2img": ("force_zeros_for_empty_prompt", "requires_aesthetics_score")}
+                    "img2img": ("force_zeros_for_empty_prompt", "requires_aesthetics_score"),
+                    "controlnet": ("force_zeros_for_empty_prompt",),
+                    "controlnet_img2img": ("force_zeros_for_empty_prompt", "requires_aesthetics_score")}
 
 
 class EngineXLPipeline(EngineBacked, StableDiffusionXLPipeline):
@@ -39,7 +53,24 @@ class EngineXLImg2ImgPipeline(EngineBacked, StableDiffusionXLImg2ImgPipeline):
     __call__ = checked(StableDiffusionXLImg2ImgPipeline.__call__)
 
 
-PIPELINES = {"text2img": EngineXLPipeline, "img2img": EngineXLImg2ImgPipeline}
+class EngineXLControlNetPipeline(EngineBacked, StableDiffusionXLControlNetPipeline):
+    """StableDiffusionXLControlNetPipeline whose text encoders, UNet, VAE and ControlNets are engines."""
+
+    manifest: Manifest
+    request_size = EngineControlNetPipeline.request_size
+    __call__ = checked(StableDiffusionXLControlNetPipeline.__call__)
+
+
+class EngineXLControlNetImg2ImgPipeline(EngineBacked, StableDiffusionXLControlNetImg2ImgPipeline):
+    """StableDiffusionXLControlNetImg2ImgPipeline whose models are engines."""
+
+    manifest: Manifest
+    request_size = EngineControlNetImg2ImgPipeline.request_size
+    __call__ = checked(StableDiffusionXLControlNetImg2ImgPipeline.__call__)
+
+
+PIPELINES = {"text2img": EngineXLPipeline, "img2img": EngineXLImg2ImgPipeline, "controlnet": EngineXLControlNetPipeline,
+             "controlnet_img2img": EngineXLControlNetImg2ImgPipeline}
 
 
 def assemble(task: str, manifest: Manifest, engines: dict[str, Any]):
@@ -47,7 +78,9 @@ def assemble(task: str, manifest: Manifest, engines: dict[str, Any]):
     comps = manifest.components
     recorded = manifest.model.get("pipeline_config") or {}
     options = {k: recorded[k] for k in PIPELINE_OPTIONS[task] if k in recorded}
+    controlnet = controlnet_module(manifest, engines, device)
     pipe = PIPELINES[task](
+        **({"controlnet": controlnet} if controlnet else {}),
         vae=VaeShim(engines["vae_decoder"], engines.get("vae_encoder"), comps["vae_decoder"].config, device),
         text_encoder=HiddenStatesShim(engines["text_encoder"], comps["text_encoder"].config, device),
         text_encoder_2=HiddenStatesShim(engines["text_encoder_2"], comps["text_encoder_2"].config, device),
