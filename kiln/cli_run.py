@@ -33,6 +33,12 @@ from runtime.errors import format_table
 @click.option("--init-image", type=click.Path(exists=True, dir_okay=False), help="Image for img2img (sets the size).")
 @click.option("--strength", default=None, type=float,
               help="img2img: how much of the init image is replaced by noise, 0 < strength <= 1 (default 0.75).")
+@click.option("--control-image", "control_images", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="ControlNet artifacts: the conditioning image (e.g. canny edges), one per ControlNet in build order.")
+@click.option("--control-scale", default=1.0, show_default=True, type=click.FloatRange(0, 10),
+              help="ControlNet conditioning scale (every ControlNet).")
+@click.option("--vae-tiling", is_flag=True,
+              help="Decode in overlapping tiles (diffusers' enable_vae_tiling): sizes above the VAE engines' range run.")
 @click.option("--truncate-prompts", is_flag=True, help="Cut prompts over the text encoder's 77 tokens instead of refusing.")
 @click.option("--no-cuda-graphs", is_flag=True, help="TensorRT: enqueue every step instead of replaying CUDA graphs.")
 @click.option("--weight-streaming-budget", default=None, type=ByteSize(keywords=("auto",)),
@@ -40,8 +46,8 @@ from runtime.errors import format_table
 @click.option("-o", "--output", default="out.png", show_default=True, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print what was written as JSON.")
 def generate(folder: Path, prompt: str, negative_prompt, steps, guidance_scale, seed, height, width, num_images,
-             scheduler, init_image, strength, truncate_prompts, no_cuda_graphs, weight_streaming_budget, output: Path,
-             as_json: bool):
+             scheduler, init_image, strength, control_images, control_scale, vae_tiling, truncate_prompts, no_cuda_graphs,
+             weight_streaming_budget, output: Path, as_json: bool):
     """Generate an image from PROMPT with the engines in FOLDER."""
     import math
 
@@ -72,8 +78,12 @@ def generate(folder: Path, prompt: str, negative_prompt, steps, guidance_scale, 
             raise click.BadParameter(f"{strength} with {plural(steps, 'step')} runs no denoising step: steps x strength "
                                      "must reach 1; raise --strength or --steps", param_hint="--strength")
     started = time.perf_counter()
-    pipe = load_pipeline(folder, task="img2img" if init_image else "text2img", cuda_graphs=not no_cuda_graphs,
-                         weight_streaming_budget=weight_streaming_budget)
+    controls = _control_images(control_images, manifest)
+    task = ("controlnet_img2img" if init_image else "controlnet") if controls else ("img2img" if init_image else "text2img")
+    pipe = load_pipeline(folder, task=task, cuda_graphs=not no_cuda_graphs, weight_streaming_budget=weight_streaming_budget,
+                         controlnets=list(range(len(controls))) if controls else None)
+    if vae_tiling:
+        pipe.enable_vae_tiling()
     if not truncate_prompts:  # as the HTTP service: a prompt the text encoder would cut is refused, not cut
         check_prompt_length(pipe.tokenizer, prompt, "PROMPT")
         check_prompt_length(pipe.tokenizer, negative_prompt, "--negative-prompt")
@@ -85,6 +95,10 @@ def generate(folder: Path, prompt: str, negative_prompt, steps, guidance_scale, 
         args.update(image=image, strength=strength)
     else:
         args.update(height=height, width=width)
+    if controls:
+        control = controls if len(controls) > 1 else controls[0]
+        args.update({"control_image" if image is not None else "image": control,
+                     "controlnet_conditioning_scale": [control_scale] * len(controls) if len(controls) > 1 else control_scale})
     from runtime.quiet import quiet
 
     with contextlib.redirect_stdout(sys.stderr), quiet("diffusers", "transformers"):
@@ -105,6 +119,25 @@ def generate(folder: Path, prompt: str, negative_prompt, steps, guidance_scale, 
         w, h = images[0].size
         click.echo(f"wrote {', '.join(map(str, paths))} ({w}x{h}, {plural(steps, 'step')}, {scheduler_name}, "
                    f"{seconds:.1f} s)")
+
+
+def _control_images(paths, manifest) -> list:
+    """The --control-image files, opened as RGB, after checking the artifact has that many ControlNets."""
+    from PIL import Image, UnidentifiedImageError
+
+    from runtime.controlnet_names import controlnets_in
+
+    if not paths:
+        return []
+    available = controlnets_in(manifest.components)
+    if len(paths) > len(available):
+        raise click.BadParameter(f"{len(paths)} control images, but this artifact has {len(available)} ControlNet(s)"
+                                 f"{': ' + ', '.join(available) if available else ' (build with --controlnet)'}",
+                                 param_hint="--control-image")
+    try:
+        return [Image.open(p).convert("RGB") for p in paths]
+    except (UnidentifiedImageError, OSError) as exc:
+        raise click.BadParameter(f"cannot read the control image: {exc}", param_hint="--control-image") from exc
 
 
 def _check_generate(prompt: str, init_image, strength, height, width, output: Path):
@@ -169,11 +202,14 @@ def _check_generate(prompt: str, init_image, strength, height, width, output: Pa
               help="Instead: one UNet step of each FOLDER's engine (e.g. fp32, fp16, int8 builds), alternating.")
 @click.option("--lora", "lora", default=None, metavar="FILE_OR_HUB_ID",
               help="Time swapping this LoRA into a refittable artifact, beside a rebuild and a pipeline call.")
+@click.option("--vae-tiling", "vae_tiling", is_flag=True,
+              help="Instead: peak memory of a VAE decode at the decoder's max size, untiled, against tiled at twice its "
+                   "side (with --batch N > 1: also sliced), each in a fresh process.")
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), help="Write a PNG plot (needs matplotlib).")
 @click.option("--save", type=click.Path(dir_okay=False, path_type=Path), help="Also write the JSON report to this file.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def bench(folders, baseline, batches, steps, runs, height, width, sweep, step_counts, journey, reference_steps, unet_step,
-          lora, plot, save, as_json):
+          lora, vae_tiling, plot, save, as_json):
     """Benchmark the engines in FOLDERS: against PyTorch per stage (one folder), the scheduler sweep,
     or one UNet step of several artifacts side by side (--unet-step)."""
     from kiln.bench import report as fmt
@@ -181,16 +217,22 @@ def bench(folders, baseline, batches, steps, runs, height, width, sweep, step_co
     from kiln.bench.sweep import scheduler_sweep
     from kiln.bench.unet_step import unet_step_bench
 
-    if sum(map(bool, (sweep, unet_step, journey, lora))) > 1:
-        raise click.UsageError("--schedulers, --journey, --unet-step and --lora are different benchmarks; pick one")
+    if sum(map(bool, (sweep, unet_step, journey, lora, vae_tiling))) > 1:
+        raise click.UsageError("--schedulers, --journey, --unet-step, --lora and --vae-tiling are different benchmarks; "
+                               "pick one")
     if len(folders) > 1 and not unet_step:
         raise click.UsageError("several FOLDERS are compared only with --unet-step")
-    if plot and (unet_step or lora):
-        raise click.UsageError("--plot draws the stage benchmark and the scheduler sweep, not --unet-step or --lora")
+    if plot and (unet_step or lora or vae_tiling):
+        raise click.UsageError("--plot draws the stage benchmark and the scheduler sweep, not --unet-step, --lora or "
+                               "--vae-tiling")
     options = BenchOptions(baseline="none" if sweep or unet_step else baseline,
                            batches=batches or ((2,) if unet_step else (1,)), steps=steps,
                            runs=runs or (30 if unet_step else 3), height=height, width=width)
-    if lora:
+    if vae_tiling:
+        from kiln.bench.vae_memory import format_vae_memory, vae_memory_bench
+
+        report, text, draw = vae_memory_bench(folders[0], batch=(batches or (1,))[0]), format_vae_memory, None
+    elif lora:
         from kiln.bench.lora_swap import format_lora_swap, lora_swap_bench
 
         report, text, draw = lora_swap_bench(folders[0], lora, runs=runs or 5, steps=steps), format_lora_swap, None

@@ -51,8 +51,17 @@ class EngineBacked(EngineLoras):
 
     enable_sequential_cpu_offload = enable_model_cpu_offload
 
-    def enable_vae_slicing(self, *args, **kwargs):
-        raise NotSupportedError("the VAE engine decodes the whole batch at the sizes it was built for; VAE slicing and "
-                                "tiling are not in this kiln yet (keep requests within the artifact's batch and sizes)")
+    def enable_vae_slicing(self):
+        """Decode (and encode) a batch one image at a time, as diffusers' VAE slicing does."""
+        self.vae.enable_slicing()
 
-    enable_vae_tiling = enable_vae_slicing
+    def disable_vae_slicing(self):
+        self.vae.disable_slicing()
+
+    def enable_vae_tiling(self):
+        """Decode (and encode) in overlapping tiles blended as diffusers blends them: sizes above the VAE
+        engines' range run while the UNet's profile covers them (runtime/vae_tiling.py)."""
+        self.vae.enable_tiling()
+
+    def disable_vae_tiling(self):
+        self.vae.disable_tiling()

@@ -39,6 +39,9 @@ class OrtEngine:
         self._binding = self.session.io_binding()
         self._outputs: ShapeCache[dict] = ShapeCache()
         self._dtypes = {t.name: t.dtype for t in info.outputs}
+        # Tiled and sliced VAE calls (runtime/vae_tiling.py) run one engine at several shapes in a row:
+        # each run then gives the CPU arena back what it used, so the tiles' shapes do not each keep theirs
+        self.release_arena = False
 
     def _open(self, weights: dict) -> tuple:
         """A session on the engine file, the external initializers named in `weights` replaced by
@@ -85,5 +88,9 @@ class OrtEngine:
             binding.bind_output(t.name, self._ort_device, 0, np.dtype(t.dtype), tuple(buf.shape), buf.data_ptr())
         if self.device.type == "cuda":
             torch.cuda.current_stream().synchronize()
-        self.session.run_with_iobinding(binding)
+        run_options = None
+        if self.release_arena and self._ort_device == "cpu":
+            run_options = ort.RunOptions()
+            run_options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+        self.session.run_with_iobinding(binding, run_options)
         return outputs

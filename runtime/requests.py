@@ -110,6 +110,8 @@ def checked(call):
         height, width = self.request_size(a)
         batch = prompt_batch(a.get("prompt"), a.get("prompt_embeds")) * (a.get("num_images_per_prompt") or 1)
         check_request(self.manifest, height=height, width=width, batch=batch)
+        if hasattr(self.vae, "check_request"):  # the VAE engines' own range, or the tiles' (enable_vae_tiling)
+            self.vae.check_request(height, width, batch)
         latents = a.get("latents")
         if latents is not None:
             expected = (batch, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)

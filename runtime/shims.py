@@ -12,17 +12,18 @@ from typing import Any
 import torch
 from diffusers.configuration_utils import FrozenDict
 
-from runtime.errors import ArtifactError, KilnError, RequestError
+from runtime.controlnet_names import MID_RESIDUAL
+from runtime.errors import ArtifactError, KilnError, RequestError, ShapeError
+from runtime.shapes import eval_dims
+from runtime.vae_tiling import DEFAULT_OVERLAP, choose_tile, sliced, tiled
 
 Engine = Callable[..., Mapping[str, torch.Tensor]]
 UNET_CORE_INPUTS = ("sample", "timestep", "encoder_hidden_states")
 
 
-class EngineModule(torch.nn.Module):
-    def __init__(self, config: Mapping[str, Any], device: torch.device):
-        super().__init__()
-        self.config = FrozenDict(config)
-        self._device = torch.device(device)
+class OnEngineDevice:
+    """`.device` (the engine's, set as `_device`) and `.dtype` (float32: engines take and return it),
+    before any diffusers model class's own, which would look for weights."""
 
     @property
     def device(self) -> torch.device:
@@ -31,6 +32,13 @@ class EngineModule(torch.nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return torch.float32
+
+
+class EngineModule(OnEngineDevice, torch.nn.Module):
+    def __init__(self, config: Mapping[str, Any], device: torch.device):
+        super().__init__()
+        self.config = FrozenDict(config)
+        self._device = torch.device(device)
 
 
 def refuse(component: str, **kwargs) -> None:
@@ -103,7 +111,9 @@ class UNetShim(EngineModule):
     def __init__(self, engine: Engine, config, device):
         super().__init__(config, device)
         self.engine = engine
-        self.extra_inputs = tuple(t.name for t in engine.info.inputs if t.name not in UNET_CORE_INPUTS)
+        names = tuple(t.name for t in engine.info.inputs if t.name not in UNET_CORE_INPUTS)
+        self.residuals = tuple(t for t in engine.info.inputs if t.name.startswith("down_residual_") or t.name == MID_RESIDUAL)
+        self.extra_inputs = tuple(n for n in names if n not in {t.name for t in self.residuals})
         if self.config.get("addition_embed_type") == "text_time":  # SDXL's pipelines check the added projection's width
             from types import SimpleNamespace
 
@@ -111,8 +121,10 @@ class UNetShim(EngineModule):
             self.add_embedding = SimpleNamespace(linear_1=SimpleNamespace(in_features=width))
 
     def forward(self, sample, timestep, encoder_hidden_states, timestep_cond=None, cross_attention_kwargs=None,
-                added_cond_kwargs=None, return_dict=True, **kwargs):
+                added_cond_kwargs=None, down_block_additional_residuals=None, mid_block_additional_residual=None,
+                return_dict=True, **kwargs):
         refuse("unet", cross_attention_kwargs=cross_attention_kwargs, **kwargs)
+        residuals = self._residuals(sample, down_block_additional_residuals, mid_block_additional_residual)
         given = {**(added_cond_kwargs or {}), **({"timestep_cond": timestep_cond} if timestep_cond is not None else {})}
         unknown = sorted(set(given) - set(self.extra_inputs))
         missing = [n for n in self.extra_inputs if n not in given]
@@ -126,7 +138,7 @@ class UNetShim(EngineModule):
         t = torch.as_tensor(timestep, dtype=torch.float32, device=sample.device).reshape(-1)
         t = t.expand(sample.shape[0]) if t.numel() == 1 else t
         out = self.engine(sample=sample, timestep=t, encoder_hidden_states=encoder_hidden_states,
-                          **{n: given[n] for n in self.extra_inputs})["model_output"]
+                          **{n: given[n] for n in self.extra_inputs}, **residuals)["model_output"]
         out = out.clone()  # schedulers keep past model outputs; the engine reuses its buffer
         if not return_dict:
             return (out,)
@@ -135,22 +147,125 @@ class UNetShim(EngineModule):
         return UNet2DConditionOutput(sample=out)
 
 
+    def _residuals(self, sample, down, mid) -> dict[str, torch.Tensor]:
+        """ControlNet residuals by input name: the call's, or zeros where a UNet built to take them
+        runs without a ControlNet (text-to-image from a ControlNet artifact)."""
+        if down is None and mid is None:
+            if not self.residuals:
+                return {}
+            axes = {"latent_height": sample.shape[2], "latent_width": sample.shape[3], "unet_batch": sample.shape[0]}
+            return {t.name: torch.zeros(eval_dims(t.dims, axes), device=sample.device) for t in self.residuals}
+        given = [*(down or ()), mid]
+        if not self.residuals or len(given) != len(self.residuals) or mid is None:
+            raise RequestError(f"unet engine takes {max(len(self.residuals) - 1, 0)} down-block residuals and a mid-block "
+                               f"one; this call gave {len(down or ())} down-block and {'a' if mid is not None else 'no'} "
+                               "mid-block residual" + ("" if self.residuals else " (this artifact was built without "
+                                                      "--controlnet)"), field="down_block_additional_residuals")
+        return {t.name: r for t, r in zip(self.residuals, given)}
+
+
 class VaeShim(EngineModule):
     """decode() runs the decoder engine on latents already divided by scaling_factor; encode()
-    returns the latent distribution built from the encoder engine's mean and log-variance."""
+    returns the latent distribution built from the encoder engine's mean and log-variance.
+    enable_slicing()/enable_tiling() work as on diffusers' AutoencoderKL (runtime/vae_tiling.py):
+    the tiles (tile_sample_min_size, tile_latent_min_size, tile_overlap_factor as diffusers names
+    them; diffusers' defaults where they fit the engines) must lie inside the engines' ranges."""
 
     def __init__(self, decoder: Engine, encoder: Engine | None, config, device):
         super().__init__(config, device)
         self.decoder = decoder
         self.encoder = encoder
+        self.use_slicing = False
+        self.use_tiling = False
+        self.factor = 2 ** (len(self.config["block_out_channels"]) - 1)
+        sample = self.config.get("sample_size", 512)
+        sample = int(sample[0] if isinstance(sample, (list, tuple)) else sample)
+        # diffusers' tile (the VAE config's sample_size), or the largest the engines take where it is larger
+        sides = [min(decoder.info.inputs[0].max[2:])]
+        if encoder is not None:
+            sides.append(min(encoder.info.inputs[0].max[2:]) // self.factor)
+        latent = int(sample / self.factor)
+        self.tile_latent_min_size = min(latent, *sides)
+        self.tile_sample_min_size = sample if self.tile_latent_min_size == latent else self.tile_latent_min_size * self.factor
+        self.tile_overlap_factor = DEFAULT_OVERLAP
+
+    def enable_tiling(self, use_tiling: bool = True):
+        self.use_tiling = use_tiling
+        self._release_arenas()
+
+    def disable_tiling(self):
+        self.enable_tiling(False)
+
+    def enable_slicing(self):
+        self.use_slicing = True
+        self._release_arenas()
+
+    def disable_slicing(self):
+        self.use_slicing = False
+        self._release_arenas()
+
+    def _release_arenas(self):
+        """Tiled or sliced, ONNX Runtime CPU engines free each run's memory (OrtEngine.release_arena)."""
+        for engine in (self.decoder, self.encoder):
+            if hasattr(engine, "release_arena"):
+                engine.release_arena = self.use_tiling or self.use_slicing
+
+    def check_request(self, height: int, width: int, batch: int) -> None:
+        """Refuse, before anything runs, a size or batch the VAE engines cannot decode (or encode) as
+        configured: larger than they were built for without tiling, or with no tile that fits them."""
+        per_call = 1 if self.use_slicing else batch
+        jobs = [(self.decoder, height // self.factor, width // self.factor)]
+        if self.encoder is not None:
+            jobs.append((self.encoder, height, width))
+        for engine, h, w in jobs:
+            tensor = engine.info.inputs[0]
+            if self.use_tiling and self._tile(engine, per_call, h, w):
+                continue
+            if h > tensor.max[2] or w > tensor.max[3]:
+                f = self.factor if engine is self.decoder else 1
+                raise ShapeError(f"{height}x{width} is larger than the {engine.info.name} engine was built for (up to "
+                                 f"{tensor.max[2] * f}x{tensor.max[3] * f}); pipe.enable_vae_tiling() decodes larger "
+                                 "images in tiles, or rebuild with larger [shapes]", field="height")
+            engine.info.output_shapes({tensor.name: (per_call, tensor.dims[1], h, w)})
+
+    def _tile(self, engine, batch: int, h: int, w: int) -> tuple[int, int] | None:
+        """(tile side in, tile side out) for tiling an h x w input of `engine`, or None where diffusers
+        would not tile it: its configured tile (tile_latent_min_size for decoding, tile_sample_min_size
+        for encoding), or the largest that fits the engine (runtime/vae_tiling.choose_tile)."""
+        decoding = engine is self.decoder
+        tile = self.tile_latent_min_size if decoding else self.tile_sample_min_size
+        if h <= tile and w <= tile:
+            return None
+        t = choose_tile(engine.info, batch, h, w, tile, self.tile_overlap_factor, step=1 if decoding else self.factor)
+        if decoding:
+            return t, self.tile_sample_min_size if t == tile else t * self.factor
+        return t, self.tile_latent_min_size if t == tile else t // self.factor
+
+    def _decode_one(self, z):
+        return self.decoder(latent=z)["images"]
+
+    def _decode(self, z):
+        tiles = self._tile(self.decoder, z.shape[0], *z.shape[-2:]) if self.use_tiling else None
+        if tiles:
+            return tiled(z, self._decode_one, *tiles, self.tile_overlap_factor)
+        return self._decode_one(z).clone()
 
     def decode(self, z, return_dict=True, generator=None):
-        images = self.decoder(latent=z)["images"].clone()
+        images = sliced(z, self._decode) if self.use_slicing and z.shape[0] > 1 else self._decode(z)
         if not return_dict:
             return (images,)
         from diffusers.models.autoencoders.vae import DecoderOutput
 
         return DecoderOutput(sample=images)
+
+    def _encode_one(self, x):
+        return self.encoder(image=x)["latent_parameters"]
+
+    def _encode(self, x):
+        tiles = self._tile(self.encoder, x.shape[0], *x.shape[-2:]) if self.use_tiling else None
+        if tiles:
+            return tiled(x, self._encode_one, *tiles, self.tile_overlap_factor)
+        return self._encode_one(x).clone()
 
     def encode(self, x, return_dict=True):
         if self.encoder is None:
@@ -158,7 +273,7 @@ class VaeShim(EngineModule):
         from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKLOutput
         from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
-        moments = self.encoder(image=x)["latent_parameters"].clone()
+        moments = sliced(x, self._encode) if self.use_slicing and x.shape[0] > 1 else self._encode(x)
         dist = DiagonalGaussianDistribution(moments)
         return AutoencoderKLOutput(latent_dist=dist) if return_dict else (dist,)
 
