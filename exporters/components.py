@@ -9,6 +9,7 @@ from typing import Any
 
 from exporters.dims import ModelDims
 from exporters.specs import ComponentSpec, TensorSpec
+from runtime.shapes import eval_dims
 
 UNET_ADDED_CONDITIONS = ("text_embeds", "time_ids")  # passed to the UNet in added_cond_kwargs
 # sample inputs of the UNet's extra conditions, where a standard normal is unlike the real ones:
@@ -146,12 +147,9 @@ def _unet_feed(condition_names: tuple[str, ...], residuals: tuple[TensorSpec, ..
         values = {"sample": sample, "timestep": t, "encoder_hidden_states": call["encoder_hidden_states"],
                   **{n: added[n] if n in UNET_ADDED_CONDITIONS else call[n] for n in condition_names}}
         given = [*(call.get("down_block_additional_residuals") or ()), call.get("mid_block_additional_residual")]
+        axes = {"unet_batch": sample.shape[0], "latent_height": sample.shape[2], "latent_width": sample.shape[3]}
         for r, value in zip(residuals, given if given[-1] is not None else [None] * len(residuals)):
-            if value is None:
-                h, w = sample.shape[-2:]
-                divisor = int(str(r.dims[2]).partition("/")[2] or 1)
-                value = torch.zeros(sample.shape[0], r.dims[1], h // divisor, w // divisor)
-            values[r.name] = value
+            values[r.name] = torch.zeros(eval_dims(r.dims, axes)) if value is None else value
         return {n: v.detach().float().cpu().numpy().copy() for n, v in values.items()}
 
     return feed

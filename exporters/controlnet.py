@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from exporters.components import LATENT, UNET_ADDED_CONDITIONS, config_of
+from exporters.components import CONDITION_SAMPLES, LATENT, UNET_ADDED_CONDITIONS, config_of
 from exporters.dims import ModelDims, read_json, unet_conditions
 from exporters.specs import ComponentSpec, TensorSpec
 from runtime.controlnet_names import MID_RESIDUAL, controlnet_names, down_residual
@@ -65,9 +65,10 @@ def _resolve(source: str) -> ControlNetSource:
                           f"{', '.join(CONTROLNET_CLASSES)} (ControlNet-XS, union and T2I adapters are not supported)")
     weights = sorted(folder.glob("*.safetensors"))
     if not weights:
-        raise ExportError(f"ControlNet {source}: {folder} has no .safetensors weights; save it with safe_serialization")
+        raise ExportError(f"ControlNet {source}: {folder} has no fp32 .safetensors weights (fp16-only files are not "
+                          "read); save it with ControlNetModel.save_pretrained(folder, safe_serialization=True)")
     digest = hashlib.sha256()
-    for f in [config_path, *weights]:
+    for f in [config_path, *sorted(folder.glob("*.safetensors.index.json")), *weights]:
         digest.update(f.name.encode())
         digest.update(file_sha256(f).encode())
     return ControlNetSource(source=source, folder=folder, sha256=digest.hexdigest(), config=config)
@@ -78,8 +79,7 @@ def _download(repo_id: str) -> Path:
 
     log.info("downloading ControlNet %s from the hub", repo_id)
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=["config.json", "*.safetensors"],
-                                      ignore_patterns=["*fp16*"]))
+        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors"], ignore_patterns=["*fp16*"]))
     except Exception as exc:  # the hub client raises many unrelated types for "unreachable"
         raise ExportError(f"could not download ControlNet {repo_id!r} ({type(exc).__name__}: {exc}); download it "
                           "elsewhere (ControlNetModel.save_pretrained) and pass the local folder") from exc
@@ -118,6 +118,9 @@ def check_fits(unet_config: Mapping[str, Any], cn: ControlNetSource) -> None:
     for key in ("cross_attention_dim", "addition_embed_type", "in_channels"):
         if cn.config.get(key) != unet_config.get(key):
             problems.append((key, repr(unet_config.get(key)), repr(cn.config.get(key))))
+    if cn.config.get("global_pool_conditions"):  # residuals averaged to 1x1 (shuffle ControlNets)
+        problems.append(("global_pool_conditions", "false (residuals at the UNet's sizes)", "true (pooled to 1x1; "
+                         "not supported by kiln yet)"))
     if problems:
         raise ExportError(f"ControlNet {cn.source} does not fit this model's UNet:\n"
                           + format_table(["field", "UNet", "ControlNet"], problems)
@@ -134,7 +137,6 @@ def controlnet_spec(name: str, dims: ModelDims, cn: ControlNetSource, text_embed
     if any(c not in widths for c in conditions):
         raise ExportError(f"ControlNet {cn.source} takes {', '.join(conditions)}, which this model's UNet does not")
     outputs = residual_tensors(cn.config)
-    samples = {"time_ids": ("uniform", 0.0, 1024.0)}
     return ComponentSpec(
         name=name,
         inputs=(
@@ -145,7 +147,7 @@ def controlnet_spec(name: str, dims: ModelDims, cn: ControlNetSource, text_embed
                        ("unet_batch", int(cn.config.get("conditioning_channels", 3)), *(f"{f}*{a}" for a in LATENT)),
                        ("uniform", 0.0, 1.0)),
             TensorSpec("conditioning_scale", "float32", (len(outputs),), ("uniform", 0.5, 1.5)),
-            *(TensorSpec(c, "float32", ("unet_batch", widths[c]), samples.get(c, ("normal", 0.0, 1.0)))
+            *(TensorSpec(c, "float32", ("unet_batch", widths[c]), CONDITION_SAMPLES.get(c, ("normal", 0.0, 1.0)))
               for c in conditions),
         ),
         outputs=outputs,

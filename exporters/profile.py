@@ -20,6 +20,7 @@ from exporters.precision import INT8_RECIPES, Fp16Policy, Int8Policy
 from runtime.errors import ProfileError, format_table
 
 PRECISIONS = ("fp32", "fp16", "int8")
+OWN_SHAPES = ("vae_decoder", "vae_encoder")  # the components a [shapes.COMPONENT] table may size
 _SOFTMAX = ("upcast", "always", "never")
 _SECTIONS = {
     "model": {"source", "loras", "controlnets"},
@@ -337,8 +338,11 @@ def bind_family(profile: Profile, components: tuple[str, ...], denoiser: str | N
     unknown = [c for c in profile.fp16.keep_fp32_components if c not in components]
     if unknown:
         problems.append(("fp16.keep_fp32_components", f"names from {list(components)}", repr(unknown)))
-    problems += [(f"shapes.{c}", f"a table named after one of {list(components)}", "unknown component")
-                 for c, _ in profile.component_shapes if c not in components]
+    # requests are checked against [shapes] and the VAE's own ranges; only the VAE may differ (tiling covers it)
+    own = [c for c in components if c in OWN_SHAPES]
+    problems += [(f"shapes.{c}", f"a table for {' or '.join(own) or 'no component'} (the VAE may be built smaller "
+                  "than the UNet; the others follow [shapes])", "a table for " + c)
+                 for c, _ in profile.component_shapes if c not in own]
     if problems:
         raise ProfileError(f"profile '{profile.name}' does not fit this model's components:\n"
                            + format_table(["field", "expected", "found"], problems))

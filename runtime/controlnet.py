@@ -87,9 +87,9 @@ def task_components(components: Sequence[str], manifest: Manifest, chosen: Seque
     picked = available if chosen is None else tuple(
         available[c] if isinstance(c, int) and 0 <= c < len(available) else c for c in chosen)
     unknown = [c for c in picked if c not in available]
-    if unknown or not picked:
+    if unknown or not picked or len(set(picked)) < len(picked):
         raise ArtifactError(f"controlnets={list(chosen or [])}: this artifact has {', '.join(available)} "
-                            "(pick them by name or index)")
+                            "(pick them by name or index, each at most once)")
     return tuple(c for c in components if c != CONTROLNETS) + tuple(picked)
 
 

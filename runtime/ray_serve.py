@@ -86,9 +86,11 @@ def kiln_deployment(*args, options: RayOptions | None = None, **overrides):
             from runtime.health import Health
             from runtime.lora_serving import register_loras
             from runtime.pipeline import load_pipeline
+            from runtime.vae_tiling import tile_above_the_vae
 
             self.pipe = load_pipeline(folder)
             register_loras(self.pipe, options.loras, options.lora_cache)
+            tile_above_the_vae(self.pipe)
             self.pipe.set_progress_bar_config(disable=True)
             counting_tokenizer(self.pipe)  # requests are checked on the event loop while a thread generates
             self.body_model = image_request_model(self.pipe.manifest)

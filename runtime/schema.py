@@ -139,7 +139,10 @@ def manifest_problems(data: Any) -> Problems:
     for name, ranges in (own or {}).items():  # [shapes.COMPONENT]: a component's own height/width ranges
         if _expect(problems, f"profile.component_shapes.{name}", ranges, isinstance(ranges, Mapping), "an object"):
             _fields(problems, ranges, f"profile.component_shapes.{name}",
-                    {k: (_range, "[min, opt, max] positive, min <= opt <= max") for k in ranges})
+                    {k: (_range, "[min, opt, max] positive, min <= opt <= max") for k in ("height", "width")},
+                    optional=("height", "width"))
+            _expect(problems, f"profile.component_shapes.{name}", sorted(ranges), set(ranges) <= {"height", "width"},
+                    "height and/or width")
     _fields(problems, _table(problems, data, "dims", "dims"), "dims", {
         "vae_scale_factor": (_positive, "a positive integer"), "size_multiple": (_positive, "a positive integer")})
     backend = _table(problems, data, "backend", "backend")

@@ -117,8 +117,10 @@ def create_app(folder, options: ServeOptions = ServeOptions(), pipe=None, on_fat
 
     def prepare(loaded):
         from runtime.lora_serving import register_loras
+        from runtime.vae_tiling import tile_above_the_vae
 
         register_loras(loaded, options.loras, options.lora_cache)
+        tile_above_the_vae(loaded)  # sizes the UNet takes but the VAE decoder engine does not decode in tiles
         return loaded
 
     def start(loaded) -> None:

@@ -219,27 +219,32 @@ class VaeShim(EngineModule):
             jobs.append((self.encoder, height, width))
         for engine, h, w in jobs:
             tensor = engine.info.inputs[0]
-            if self.use_tiling and self._tile(engine, per_call, h, w):
+            if self.use_tiling and self._tile(engine, per_call, h, w):  # checks the whole plan; None: runs whole
                 continue
             if h > tensor.max[2] or w > tensor.max[3]:
                 f = self.factor if engine is self.decoder else 1
                 raise ShapeError(f"{height}x{width} is larger than the {engine.info.name} engine was built for (up to "
-                                 f"{tensor.max[2] * f}x{tensor.max[3] * f}); pipe.enable_vae_tiling() decodes larger "
-                                 "images in tiles, or rebuild with larger [shapes]", field="height")
+                                 f"{tensor.max[2] * f}x{tensor.max[3] * f}); pipe.enable_vae_tiling() (kiln generate "
+                                 "--vae-tiling) decodes larger images in tiles, or rebuild with larger [shapes]",
+                                 field="height")
             engine.info.output_shapes({tensor.name: (per_call, tensor.dims[1], h, w)})
 
     def _tile(self, engine, batch: int, h: int, w: int) -> tuple[int, int] | None:
-        """(tile side in, tile side out) for tiling an h x w input of `engine`, or None where diffusers
-        would not tile it: its configured tile (tile_latent_min_size for decoding, tile_sample_min_size
-        for encoding), or the largest that fits the engine (runtime/vae_tiling.choose_tile)."""
+        """(tile side in, tile side out) for tiling an h x w input of `engine`, or None to run it whole
+        (where diffusers would not tile it, or no tile fits but the engine takes it whole): its
+        configured tile (tile_latent_min_size for decoding, tile_sample_min_size for encoding), or
+        the closest that fits the engine (runtime/vae_tiling.choose_tile)."""
         decoding = engine is self.decoder
         tile = self.tile_latent_min_size if decoding else self.tile_sample_min_size
         if h <= tile and w <= tile:
             return None
-        t = choose_tile(engine.info, batch, h, w, tile, self.tile_overlap_factor, step=1 if decoding else self.factor)
-        if decoding:
-            return t, self.tile_sample_min_size if t == tile else t * self.factor
-        return t, self.tile_latent_min_size if t == tile else t // self.factor
+        configured = self.tile_sample_min_size if decoding else self.tile_latent_min_size
+
+        def out_of(t: int) -> int:
+            return configured if t == tile else (t * self.factor if decoding else t // self.factor)
+
+        t = choose_tile(engine.info, batch, h, w, tile, self.tile_overlap_factor, out_of)
+        return None if t is None else (t, out_of(t))
 
     def _decode_one(self, z):
         return self.decoder(latent=z)["images"]

@@ -38,7 +38,7 @@ def _gpu_unavailable() -> str | None:
 MODEL_FIXTURES = {"tiny_export", "tiny_artifact", "tiny_fp16_export", "tiny_fp16_artifact", "digits_artifact",
                   "digits_lcm_artifact", "tiny_sdxl_artifact", "tiny_sdxl_turbo_artifact", "lora_artifacts",
                   "streamed_fp16_export", "refittable"}
-SLOW_FIXTURES = {"sd15_artifact", "artifacts", "tiny_int8_export"}
+SLOW_FIXTURES = {"sd15_artifact", "artifacts", "tiny_int8_export", "sdxl_controlnet_artifact"}
 
 
 def pytest_collection_modifyitems(config, items):
@@ -140,24 +140,75 @@ def tiny_sdxl_turbo_artifact(tmp_path_factory) -> Path:
                             cpu_build_options(), export_options=options).folder
 
 
+# tiny-sd15 as in profiles/tiny-sd15.toml, its VAE decoder built up to 128x128 only: the UNet's 256x256
+# runs with tiled decoding (enable_vae_tiling), as a per-component profile allows
+TILED_SD15_PROFILE = """
+[model]
+source = "builtin:tiny-sd15"
+[shapes]
+batch  = [1, 1, 4]
+height = [64, 128, 256]
+width  = [64, 128, 256]
+[shapes.vae_decoder]
+height = [64, 128, 128]
+width  = [64, 128, 128]
+"""
+
+
+def _controlnet_build(model: str, components: tuple[str, ...], tmp_path_factory, lora=None, profile=None) -> dict:
+    """Two seeded ControlNets for MODEL and its engines built with both (`kiln build MODEL
+    --controlnet A --controlnet B`, and `--lora FILE:0.8 --refit refit` where a LoRA is given)."""
+    from engines.build import build_from_model
+    from exporters.builtin import ensure_builtin
+    from exporters.export import ExportOptions
+    from tests.controlnets import make_controlnet
+
+    controlnets = [make_controlnet(ensure_builtin(model), tmp_path_factory.mktemp("controlnet") / f"{model}-{i}",
+                                   seed=40 + i) for i in range(2)]
+    options = ExportOptions(components=(*components, "controlnet_0", "controlnet_1"), check_points=("opt",),
+                            loras=((str(lora), 0.8),) if lora else (), refit=lora is not None,
+                            controlnets=tuple(map(str, controlnets)))
+    build = replace(cpu_build_options(), refit="refit") if lora else cpu_build_options()
+    folder = build_from_model(model, tmp_path_factory.mktemp("artifacts") / f"{model}-controlnet", build, profile,
+                              options).folder
+    return {"artifact": folder, "controlnets": controlnets}
+
+
 @pytest.fixture(scope="session")
 def lora_artifacts(tmp_path_factory) -> dict:
     """Per model (tiny-sd15, tiny-sdxl): a seeded random LoRA (tests/loras.py) and text-to-image
     engines built with it fused at scale 0.8, refittable (`kiln build MODEL --lora FILE:0.8 --refit
-    refit`): the fused LoRA is part of the base weights other LoRAs are swapped onto."""
+    refit`): the fused LoRA is part of the base weights other LoRAs are swapped onto.
+
+    tiny-sd15's is also the ControlNet and tiling artifact: built with two seeded ControlNets
+    (tests/controlnets.py; its UNet takes their residuals, zeros in plain text-to-image), its VAE
+    encoder (ControlNet img2img), and a profile that builds the VAE decoder smaller than the UNet
+    (TILED_SD15_PROFILE). One build serves the LoRA, refit, ControlNet and tiling tests: exports are
+    most of the suite's time."""
     from engines.build import build_from_model
     from exporters.builtin import ensure_builtin
     from exporters.export import ExportOptions
     from tests.loras import make_lora
 
     out = {}
-    for model, components in (("tiny-sd15", PIPELINE), ("tiny-sdxl", XL_PIPELINE)):
-        lora = make_lora(ensure_builtin(model), tmp_path_factory.mktemp("lora") / model, seed=5)
-        options = ExportOptions(components=components, check_points=("opt",), loras=((str(lora), 0.8),), refit=True)
-        folder = build_from_model(model, tmp_path_factory.mktemp("artifacts") / f"{model}-lora",
-                                  replace(cpu_build_options(), refit="refit"), export_options=options).folder
-        out[model] = {"lora": lora, "artifact": folder}
+    lora = make_lora(ensure_builtin("tiny-sd15"), tmp_path_factory.mktemp("lora") / "tiny-sd15", seed=5)
+    profile = tmp_path_factory.mktemp("profile") / "tiny-sd15-tiled.toml"
+    profile.write_text(TILED_SD15_PROFILE, encoding="utf-8")
+    out["tiny-sd15"] = {"lora": lora, **_controlnet_build("tiny-sd15", (*PIPELINE, "vae_encoder"), tmp_path_factory,
+                                                          lora=lora, profile=profile)}
+    lora = make_lora(ensure_builtin("tiny-sdxl"), tmp_path_factory.mktemp("lora") / "tiny-sdxl", seed=5)
+    options = ExportOptions(components=XL_PIPELINE, check_points=("opt",), loras=((str(lora), 0.8),), refit=True)
+    folder = build_from_model("tiny-sdxl", tmp_path_factory.mktemp("artifacts") / "tiny-sdxl-lora",
+                              replace(cpu_build_options(), refit="refit"), export_options=options).folder
+    out["tiny-sdxl"] = {"lora": lora, "artifact": folder}
     return out
+
+
+@pytest.fixture(scope="session")
+def sdxl_controlnet_artifact(tmp_path_factory) -> dict:
+    """tiny-sdxl's text-to-image engines with two seeded ControlNets (the slow tier: two more
+    SDXL-shaped UNet encoders to export)."""
+    return _controlnet_build("tiny-sdxl", XL_PIPELINE, tmp_path_factory)
 
 
 @pytest.fixture(scope="session")

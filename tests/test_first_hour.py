@@ -237,9 +237,10 @@ def test_the_pipeline_refuses_what_engines_cannot_do(tiny_artifact, tmp_path):
         pipe.to(0)
     with pytest.raises(NotSupportedError, match="precision is built into them"):
         pipe.to(torch_dtype=torch.float16)
-    for method in (pipe.fuse_lora, pipe.enable_vae_slicing):
-        with pytest.raises(NotSupportedError):
-            method()
+    with pytest.raises(NotSupportedError):
+        pipe.fuse_lora()
+    pipe.enable_vae_slicing()  # VAE slicing and tiling run on engines (tests/test_vae_tiling.py)
+    assert pipe.vae.use_slicing
     with pytest.raises(RequestError, match="load_lora_weights needs a LoRA"):  # tiny is refittable: LoRAs load
         pipe.load_lora_weights()
     calls = []
